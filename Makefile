@@ -1,0 +1,51 @@
+# make fit / make test: each does all set-up on a fresh machine, re-running only
+# the steps whose inputs changed (one stamp file per step under .venv/).
+PYTHON ?= python3
+TORCH_SPEC ?= torch>=2.5
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMPS := $(VENV)/.stamps
+# Extra pytest arguments, e.g. make test PYTEST_ARGS="-k conv2d -x"
+PYTEST_ARGS ?=
+
+.PHONY: fit test test-slow bench bench-train install clean
+
+fit: install
+	$(PY) -m lightning_hw fit
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_ops.py
+
+install: $(STAMPS)/extension
+
+$(STAMPS)/venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	mkdir -p $(STAMPS) && touch $@
+
+# The torch spec is part of the stamp's name: a new TORCH_SPEC re-installs torch.
+TORCH_STAMP := $(STAMPS)/torch-$(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-12)
+$(TORCH_STAMP): $(STAMPS)/venv
+	$(PIP) install '$(TORCH_SPEC)'
+	rm -f $(STAMPS)/torch-* && touch $@
+
+# Runtime and dev dependencies as pyproject.toml lists them; the torch installed
+# above already satisfies the torch requirement, so pip keeps it.
+$(STAMPS)/deps: $(TORCH_STAMP) pyproject.toml
+	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > $(VENV)/requirements.txt
+	$(PIP) install -r $(VENV)/requirements.txt
+	touch $@
+
+$(STAMPS)/extension: $(STAMPS)/deps setup.py $(shell find csrc -type f 2>/dev/null)
+	$(PIP) install --no-build-isolation -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf build lightning_hw/_C*.so lightning_hw.egg-info

@@ -1,0 +1,170 @@
+"""Micro-benchmarks: lightning_hw ops against PyTorch's own kernels, in one process.
+
+    python benchmarks/bench_ops.py                  # CPU, 2 threads, all shapes
+    python benchmarks/bench_ops.py --device cuda    # GPU (TF32 off unless --tf32)
+    python benchmarks/bench_ops.py --only conv --markdown
+
+Prints medians of torch.utils.benchmark (forward, and forward+backward computing
+every gradient) and the ratio torch/ours: above 1 means ours is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from lightning_hw import ops
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    name: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    kernel: int
+    size: int
+    padding: int
+
+    def flops(self) -> float:
+        out = self.size + 2 * self.padding - self.kernel + 1
+        return 2.0 * self.batch * self.out_channels * out * out * self.in_channels * self.kernel**2
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    name: str
+    batch: int
+    in_features: int
+    out_features: int
+
+    def flops(self) -> float:
+        return 2.0 * self.batch * self.in_features * self.out_features
+
+
+CONV_CASES = [
+    ConvCase("fruit 1->8 4x4 32x32", 256, 1, 8, 4, 32, 0),
+    ConvCase("cifar 3->32 3x3 32x32", 128, 3, 32, 3, 32, 1),
+    ConvCase("64->64 3x3 32x32", 64, 64, 64, 3, 32, 1),
+    ConvCase("fer 256->512 3x3 48x48", 8, 256, 512, 3, 48, 1),
+]
+
+LINEAR_CASES = [
+    LinearCase("fruit fc 6728->841", 256, 6728, 841),
+    LinearCase("fruit fc 841->29", 256, 841, 29),
+    LinearCase("cifar 3072->128", 1000, 3072, 128),
+    LinearCase("cifar 3072->900", 200, 3072, 900),
+]
+
+
+def conv_fns(case: ConvCase, device, dtype):
+    x = torch.randn(case.batch, case.in_channels, case.size, case.size, device=device, dtype=dtype)
+    w = torch.randn(case.out_channels, case.in_channels, case.kernel, case.kernel, device=device, dtype=dtype)
+    b = torch.randn(case.out_channels, device=device, dtype=dtype)
+    args = dict(stride=1, padding=case.padding)
+    return (
+        lambda x, w, b: ops.conv2d(x, w, b, **args),
+        lambda x, w, b: F.conv2d(x, w, b, **args),
+        (x, w, b),
+    )
+
+
+def linear_fns(case: LinearCase, device, dtype):
+    x = torch.randn(case.batch, case.in_features, device=device, dtype=dtype)
+    w = torch.randn(case.out_features, case.in_features, device=device, dtype=dtype) / case.in_features**0.5
+    b = torch.randn(case.out_features, device=device, dtype=dtype)
+    return ops.linear_relu, lambda x, w, b: torch.relu(F.linear(x, w, b)), (x, w, b)
+
+
+def median_ms(fn, inputs, threads, min_run_time, backward):
+    leaves = [t.detach().clone().requires_grad_(backward) for t in inputs]
+    if backward:
+        grad = torch.randn_like(fn(*leaves))
+
+        def step():
+            torch.autograd.grad(fn(*leaves), leaves, grad)
+
+    else:
+
+        def step():
+            with torch.no_grad():
+                fn(*leaves)
+
+    step()  # warm-up: first-call allocations and weight re-layouts stay out
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def run(cases, make_fns, device, dtype, threads, min_run_time):
+    rows = []
+    for case in cases:
+        ours, theirs, inputs = make_fns(case, device, dtype)
+        row = {"case": case.name, "batch": case.batch}
+        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+            t_torch = median_ms(theirs, inputs, threads, min_run_time, backward)
+            t_ours = median_ms(ours, inputs, threads, min_run_time, backward)
+            flops = case.flops() * (3 if backward else 1)
+            row[mode] = (t_torch, t_ours, t_torch / t_ours, flops / t_ours / 1e6)
+        rows.append(row)
+        print_row(row, markdown=False, flush=True)
+    return rows
+
+
+HEADER = ("op shape", "N", "torch fwd ms", "ours fwd ms", "fwd x", "torch f+b ms", "ours f+b ms", "f+b x", "ours f+b GFLOP/s")
+
+
+def print_row(row, markdown, flush=False):
+    f, fb = row["fwd"], row["fwd+bwd"]
+    cells = (
+        row["case"], str(row["batch"]),
+        f"{f[0]:.3f}", f"{f[1]:.3f}", f"{f[2]:.2f}",
+        f"{fb[0]:.3f}", f"{fb[1]:.3f}", f"{fb[2]:.2f}", f"{fb[3]:.0f}",
+    )
+    if markdown:
+        print("| " + " | ".join(cells) + " |", flush=flush)
+    else:
+        print(f"{cells[0]:<26}" + "".join(f"{c:>14}" for c in cells[1:]), flush=flush)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    parser.add_argument("--only", choices=["conv", "linear"], help="run one op's cases only")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 in torch's CUDA kernels")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    args = parser.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        where = f"{torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}"
+    else:
+        where = f"CPU, {args.threads} threads, capability {torch.backends.cpu.get_cpu_capability()}"
+    print(f"# torch {torch.__version__}, {where}, {args.dtype}, medians; x = torch time / our time")
+    print(f"{HEADER[0]:<26}" + "".join(f"{h:>14}" for h in HEADER[1:-1]) + f"{'GFLOP/s':>14}")
+
+    rows = []
+    if args.only in (None, "conv"):
+        rows += run(CONV_CASES, conv_fns, args.device, dtype, args.threads, args.min_run_time)
+    if args.only in (None, "linear"):
+        rows += run(LINEAR_CASES, linear_fns, args.device, dtype, args.threads, args.min_run_time)
+    if args.markdown:
+        print()
+        print("| " + " | ".join(HEADER) + " |")
+        print("|" + "---|" * len(HEADER))
+        for row in rows:
+            print_row(row, markdown=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+// Helpers for argument checks shared by every op and backend.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymBool.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+
+namespace lightning_hw {
+namespace detail {
+
+inline std::string format_sizes(c10::SymIntArrayRef sizes) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << "]";
+  return out.str();
+}
+
+// Shape checks run on symbolic sizes in the fake kernel; guarding specialises
+// the compiled graph on the outcome, as torch's own meta functions do.
+inline bool sym_true(const c10::SymBool& condition) {
+  return condition.guard_bool(__FILE__, __LINE__);
+}
+
+}  // namespace detail
+
+// Device and dtype agreement of (input, weight, bias), and the backend's dtypes.
+inline void check_operands(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    c10::ArrayRef<at::ScalarType> supported,
+    const char* backend) {
+  TORCH_CHECK(
+      input.device() == weight.device(), op,
+      ": expected input and weight on the same device, but got input on ", input.device(),
+      " and weight on ", weight.device());
+  TORCH_CHECK(
+      input.scalar_type() == weight.scalar_type(), op, ": input type (", input.scalar_type(),
+      ") and weight type (", weight.scalar_type(), ") should be the same");
+  if (bias.has_value()) {
+    TORCH_CHECK(
+        bias->device() == input.device(), op, ": expected bias on ", input.device(),
+        " like input, but got bias on ", bias->device());
+    TORCH_CHECK(
+        bias->scalar_type() == input.scalar_type(), op, ": input type (", input.scalar_type(),
+        ") and bias type (", bias->scalar_type(), ") should be the same");
+  }
+  bool supported_dtype = false;
+  for (auto t : supported) supported_dtype = supported_dtype || t == input.scalar_type();
+  TORCH_CHECK(
+      supported_dtype, op, ": the ", backend, " kernel supports dtypes ", supported,
+      ", but got input of type ", input.scalar_type());
+}
+
+}  // namespace lightning_hw

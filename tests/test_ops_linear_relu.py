@@ -1,0 +1,162 @@
+"""lightning_hw.ops.linear_relu against torch.relu(F.linear(...))."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_hw import ops
+
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def reference(x, w, b):
+    return torch.relu(F.linear(x, w, b))
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+
+
+def check_against_torch(x, w, b, dtype):
+    tol = TOLERANCES[dtype]
+    ours_in = leaves(x, w, b)
+    ref_in = leaves(x, w, b)
+    out = ops.linear_relu(*ours_in)
+    expected = reference(*ref_in)
+    torch.testing.assert_close(out, expected, **tol)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for ours, ref in zip(ours_in, ref_in):
+        if ref is not None and ref.requires_grad:
+            torch.testing.assert_close(ours.grad, ref.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "input_shape,in_features,out_features",
+    [
+        ((5, 7), 7, 4),
+        ((1, 13), 13, 9),
+        ((0, 6), 6, 3),
+        ((7,), 7, 5),
+        ((2, 3, 11), 11, 6),
+        ((64, 128), 128, 29),
+        ((33, 200), 200, 70),
+    ],
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_torch(dtype, input_shape, in_features, out_features, with_bias):
+    x = torch.randn(input_shape, dtype=dtype, requires_grad=True)
+    w = torch.randn(out_features, in_features, dtype=dtype, requires_grad=True)
+    b = torch.randn(out_features, dtype=dtype, requires_grad=True) if with_bias else None
+    check_against_torch(x, w, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_contiguous_operands(dtype):
+    x = torch.randn(20, 9, dtype=dtype).t().requires_grad_()  # (9, 20), transposed view
+    w = torch.randn(20, 12, dtype=dtype)[:, ::2].t().requires_grad_()  # strided (6, 20)
+    b = torch.randn(12, dtype=dtype)[::2].requires_grad_()
+    check_against_torch(x, w, b, dtype)
+
+
+def test_exact_zero_pre_activation_gets_zero_gradient():
+    # Integer-valued operands make some pre-activations exactly 0: torch's ReLU
+    # passes no gradient there, and neither may ours.
+    x = torch.randint(-2, 3, (40, 5)).double().requires_grad_()
+    w = torch.randint(-2, 3, (8, 5)).double().requires_grad_()
+    b = torch.randint(-1, 2, (8,)).double().requires_grad_()
+    pre = F.linear(x, w, b)
+    assert (pre == 0).any()
+    check_against_torch(x, w, b, torch.float64)
+
+
+def test_only_needed_gradients_are_computed():
+    x = torch.randn(6, 5)
+    w = torch.randn(4, 5, requires_grad=True)
+    b = torch.randn(4)
+    out = ops.linear_relu(x, w, b)
+    out.sum().backward()
+    assert x.grad is None and b.grad is None
+    expected_w = w.detach().clone().requires_grad_()
+    reference(x, expected_w, b).sum().backward()
+    torch.testing.assert_close(w.grad, expected_w.grad)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.linear_relu, (x, w, b))
+    assert torch.autograd.gradcheck(ops.linear_relu, (x[:, None], w, None))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck(with_bias):
+    x = torch.randn(8, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    b = torch.randn(5, requires_grad=True) if with_bias else None
+    torch.library.opcheck(torch.ops.lightning_hw.linear_relu.default, (x, w, b))
+    torch.library.opcheck(torch.ops.lightning_hw.linear_relu.default, (x.detach()[None], w.detach(), b))
+    out = ops.linear_relu(x, w, b).detach()
+    torch.library.opcheck(
+        torch.ops.lightning_hw.linear_relu_backward.default,
+        (torch.randn_like(out), out, x.detach(), w.detach(), [True, True, with_bias]),
+    )
+
+
+def test_compile_matches_eager():
+    x = torch.randn(16, 10, requires_grad=True)
+    w = torch.randn(7, 10, requires_grad=True)
+    b = torch.randn(7, requires_grad=True)
+
+    def f(x, w, b):
+        return ops.linear_relu(x, w, b).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_out = f(x, w, b)
+    eager_grads = torch.autograd.grad(eager_out, (x, w, b))
+    out = compiled(x, w, b)
+    grads = torch.autograd.grad(out, (x, w, b))
+    torch.testing.assert_close(out, eager_out)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(ops.linear_relu(x, w).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_autocast_cpu_runs_in_float32():
+    x = torch.randn(8, 6)
+    w = torch.randn(5, 6)
+    b = torch.randn(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.linear_relu(x.bfloat16(), w, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference(x.bfloat16().float(), w, b))
+
+
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (lambda: (torch.randn(3, 5), torch.randn(4, 6), None), "cannot be multiplied"),
+        (lambda: (torch.randn(3, 5), torch.randn(5), None), "weight to be 2D"),
+        (lambda: (torch.tensor(1.0), torch.randn(4, 1), None), "at least 1 dimension"),
+        (lambda: (torch.randn(3, 5), torch.randn(4, 5), torch.randn(3)), "bias of size"),
+        (lambda: (torch.randn(3, 5), torch.randn(4, 5).double(), None), "should be the same"),
+        (lambda: (torch.randn(3, 5), torch.randn(4, 5), torch.randn(4).double()), "bias type"),
+        (lambda: (torch.randn(3, 5).half(), torch.randn(4, 5).half(), None), "supports dtypes"),
+        (lambda: (torch.ones(3, 5, dtype=torch.int32), torch.ones(4, 5, dtype=torch.int32), None), "supports dtypes"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(make_args, message):
+    args = make_args()
+    with pytest.raises(RuntimeError, match=message):
+        ops.linear_relu(*args)
