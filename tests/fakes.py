@@ -1,0 +1,193 @@
+"""Writers of small fake data sets in the real on-disk formats, for tests.
+
+Images are class-dependent (a per-class template plus noise), so models can
+learn them. Every writer is deterministic for a given seed and returns the
+folder (or file) that the matching DataModule reads via `data_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CIFAR10_LABEL_NAMES = [
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+FER2013_FOLDER_NAMES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+FRUITS_DEFAULT_CLASSES = ("Carambula", "Lychee", "Pear")
+
+
+def class_pattern_images(
+    labels: np.ndarray, shape: tuple[int, ...], num_classes: int, rng: np.random.Generator
+) -> np.ndarray:
+    """uint8 images of `shape` (C, H, W) whose content depends on the label.
+
+    Class c has a fixed template (a brightness level rising with c and a stripe
+    pattern whose orientation and frequency depend on c) plus mild noise.
+    """
+    channels, height, width = shape
+    rows, cols = np.mgrid[0:height, 0:width]
+    templates = []
+    for label in range(num_classes):
+        level = 40 + 170 * label / max(num_classes - 1, 1)
+        stripes = np.sin((rows if label % 2 else cols) * (label + 1) * np.pi / height)
+        per_channel = [level + 35 * stripes * (1 if ch % 2 == 0 else -1) for ch in range(channels)]
+        templates.append(np.stack(per_channel))
+    templates_array = np.stack(templates)
+    noise = rng.normal(0, 12, size=(len(labels), *shape))
+    return np.clip(templates_array[labels] + noise, 0, 255).astype(np.uint8)
+
+
+def _balanced_labels(count: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Labels covering every class as evenly as possible, in random order."""
+    return rng.permutation(np.arange(count) % num_classes)
+
+
+# ---------------------------------------------------------------------------
+# CIFAR-10
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, labels: Sequence[int], batch_label: str) -> Path:
+    """Write one batch like the official files: pickle protocol 2, byte keys, data uint8 (N, 3072)."""
+    batch = {
+        b"batch_label": batch_label.encode(),
+        b"labels": [int(label) for label in labels],
+        b"data": np.ascontiguousarray(images.reshape(len(images), -1), dtype=np.uint8),
+        b"filenames": [f"fake_{i:05d}.png".encode() for i in range(len(images))],
+    }
+    with open(path, "wb") as file:
+        pickle.dump(batch, file, protocol=2)
+    return path
+
+
+def write_cifar10(root: Path, n_train_per_batch: int = 30, n_test: int = 30, seed: int = 0) -> Path:
+    """Write `root/cifar-10-batches-py` (data_batch_1..5, test_batch, batches.meta); return that folder."""
+    rng = np.random.default_rng(seed)
+    batches_dir = Path(root) / "cifar-10-batches-py"
+    batches_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(1, 6):
+        labels = _balanced_labels(n_train_per_batch, 10, rng)
+        images = class_pattern_images(labels, (3, 32, 32), 10, rng)
+        write_cifar_batch(batches_dir / f"data_batch_{index}", images, labels, f"training batch {index} of 5")
+    labels = _balanced_labels(n_test, 10, rng)
+    images = class_pattern_images(labels, (3, 32, 32), 10, rng)
+    write_cifar_batch(batches_dir / "test_batch", images, labels, "testing batch 1 of 1")
+    meta = {b"num_cases_per_batch": n_train_per_batch, b"label_names": [n.encode() for n in CIFAR10_LABEL_NAMES], b"num_vis": 3072}
+    with open(batches_dir / "batches.meta", "wb") as file:
+        pickle.dump(meta, file, protocol=2)
+    return batches_dir
+
+
+def write_cifar10_tarball(path: Path, n_train_per_batch: int = 30, n_test: int = 30, seed: int = 0) -> str:
+    """Write a fake `cifar-10-python.tar.gz` with the official layout at `path`; return its MD5."""
+    path = Path(path)
+    staging = path.parent / f".staging-{path.name}"
+    batches_dir = write_cifar10(staging, n_train_per_batch, n_test, seed)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(batches_dir, arcname="cifar-10-batches-py")
+    for file in batches_dir.iterdir():
+        file.unlink()
+    batches_dir.rmdir()
+    staging.rmdir()
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_tarball_with_members(path: Path, members: dict[str, bytes]) -> str:
+    """Write a .tar.gz holding the given member names (verbatim, e.g. '../evil') and contents; return its MD5."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# FER2013
+
+
+def fer2013_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Class-dependent 48x48 grayscale uint8 images (N, 48, 48) for FER2013 labels 0..6."""
+    return class_pattern_images(labels, (1, 48, 48), 7, rng)[:, 0]
+
+
+def write_fer2013_csv(
+    root: Path, n_per_usage: int = 21, seed: int = 0, class_counts: Sequence[int] | None = None
+) -> Path:
+    """Write `root/fer2013.csv` with Kaggle's header `emotion,pixels,Usage`; return the file path.
+
+    Each of Training / PublicTest / PrivateTest gets `n_per_usage` rows with
+    labels cycling over the 7 classes, unless `class_counts` (7 numbers) gives
+    the per-class row count of every usage (to make an imbalanced set).
+    """
+    rng = np.random.default_rng(seed)
+    path = Path(root) / "fer2013.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["emotion,pixels,Usage"]
+    for usage in ("Training", "PublicTest", "PrivateTest"):
+        if class_counts is None:
+            labels = _balanced_labels(n_per_usage, 7, rng)
+        else:
+            labels = rng.permutation(np.repeat(np.arange(7), class_counts))
+        for label, image in zip(labels, fer2013_images(labels, rng)):
+            lines.append(f"{label},{' '.join(map(str, image.ravel()))},{usage}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_fer2013_folders(
+    root: Path, n_train_per_class: int = 6, n_test_per_class: int = 3, seed: int = 0
+) -> Path:
+    """Write `root/train/<emotion>/*` and `root/test/<emotion>/*` (48x48 grayscale); return root.
+
+    Files alternate between PNG and JPEG so both readers are exercised.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, per_class in (("train", n_train_per_class), ("test", n_test_per_class)):
+        for label, name in enumerate(FER2013_FOLDER_NAMES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            images = fer2013_images(np.full(per_class, label), rng)
+            for index, image in enumerate(images):
+                suffix = "png" if index % 2 == 0 else "jpg"
+                Image.fromarray(image).save(folder / f"im{index}.{suffix}")
+    return root
+
+
+# ---------------------------------------------------------------------------
+# Fruits-360
+
+
+def write_fruits(
+    root: Path,
+    classes: Sequence[str] = FRUITS_DEFAULT_CLASSES,
+    n_train: int = 10,
+    n_test: int = 4,
+    size: int = 100,
+    seed: int = 0,
+) -> Path:
+    """Write Fruits-360 style `root/Training/<class>/*.jpg` and `root/Test/<class>/*.jpg` (RGB); return root.
+
+    `n_train` / `n_test` are images per class; the last image of each class
+    folder is a PNG, the others JPEG.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, per_class in (("Training", n_train), ("Test", n_test)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            images = class_pattern_images(np.full(per_class, label), (3, size, size), len(classes), rng)
+            for index, image in enumerate(images):
+                suffix = "png" if index == per_class - 1 else "jpg"
+                Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(folder / f"{index}_100.{suffix}")
+    return root
