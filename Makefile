@@ -1,7 +1,9 @@
 # make fit / make test: each does all set-up on a fresh machine, re-running only
 # the steps whose inputs changed (one stamp file per step under .venv/).
 PYTHON ?= python3
-TORCH_SPEC ?= torch>=2.5
+# Capped at the newest torch the project is tested with; a newer release would be
+# fetched whole from the registry (several GB of CUDA packages) on every fresh machine.
+TORCH_SPEC ?= torch>=2.5,<=2.14.1
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip

@@ -96,7 +96,7 @@ def _extensions():
     debug = _env_flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fopenmp at compile and link: without it at::parallel_for runs on one thread.
-    cxx_flags = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     extra_link_args = ["-fopenmp"]
     include_dirs = [str(CSRC)]  # absolute include dirs are fine
 
@@ -131,7 +131,7 @@ def _extensions():
     # Without a GPU torch cannot guess the architectures: default to Ampere and Hopper.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     include_dirs += _nvidia_include_dirs()
-    nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["-std=c++17", "--expt-relaxed-constexpr"]
+    nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["--expt-relaxed-constexpr"]
     print(f"  CUDA kernels: built with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     print(f"  CUDA sources: {cuda_sources}")
     print(f"  nvcc flags: {' '.join(nvcc_flags)}")
