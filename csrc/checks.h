@@ -59,4 +59,19 @@ inline void check_operands(
       ", but got input of type ", input.scalar_type());
 }
 
+// grad_output of a backward op: same device and dtype as the forward input, and
+// the size the forward produced.
+inline void check_grad_output(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& input, c10::IntArrayRef expected) {
+  TORCH_CHECK(
+      grad_output.device() == input.device(), op, ": expected grad_output on ", input.device(),
+      " like input, but got ", grad_output.device());
+  TORCH_CHECK(
+      grad_output.scalar_type() == input.scalar_type(), op, ": grad_output type (",
+      grad_output.scalar_type(), ") and input type (", input.scalar_type(), ") should be the same");
+  TORCH_CHECK(
+      grad_output.sizes() == expected, op, ": expected grad_output of size ", expected,
+      " (the forward output size), but got ", grad_output.sizes());
+}
+
 }  // namespace lightning_hw

@@ -15,6 +15,8 @@ def clone_leaf(t):
 
 
 def assert_same_forward_backward(ours, theirs, x):
+    ours.zero_grad(set_to_none=True)
+    theirs.zero_grad(set_to_none=True)
     x_ours, x_theirs = clone_leaf(x), clone_leaf(x)
     out, expected = ours(x_ours), theirs(x_theirs)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

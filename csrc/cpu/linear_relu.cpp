@@ -94,14 +94,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
   const auto expected = output_sizes(input, out_features);
+  check_grad_output("linear_relu_backward", grad_output, input, expected);
   TORCH_CHECK(
-      grad_output.sizes() == at::IntArrayRef(expected) && output.sizes() == at::IntArrayRef(expected),
-      "linear_relu_backward: expected grad_output and output of size ", at::IntArrayRef(expected),
-      ", but got ", grad_output.sizes(), " and ", output.sizes());
-  TORCH_CHECK(
-      grad_output.scalar_type() == input.scalar_type() && output.scalar_type() == input.scalar_type(),
-      "linear_relu_backward: grad_output, output and input must share a dtype, got ",
-      grad_output.scalar_type(), ", ", output.scalar_type(), " and ", input.scalar_type());
+      output.sizes() == at::IntArrayRef(expected) && output.scalar_type() == input.scalar_type(),
+      "linear_relu_backward: expected output of size ", at::IntArrayRef(expected), " and type ",
+      input.scalar_type(), " (the forward result), but got ", output.sizes(), " and ",
+      output.scalar_type());
 
   const at::Tensor grad_2d = grad_output.reshape({-1, out_features}).contiguous();
   const at::Tensor out_2d = output.reshape({-1, out_features}).contiguous();

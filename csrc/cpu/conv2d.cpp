@@ -1,0 +1,919 @@
+// CPU kernels of lightning_hw::conv2d and conv2d_backward: a direct convolution
+// (no im2col buffer, no call into torch's convolutions).
+//
+// Layouts. Activations are copied once per call into NHWC buffers, zero-padded
+// so that every kernel tap of every output pixel reads a valid address (no
+// bounds tests in the inner loops). Weights are re-packed into blocks of up to
+// two 64-byte vectors of output channels: packed[group][block][tap][channel][lanes].
+//
+// Forward and input gradient share one loop nest: out[pixel][lanes] +=
+// src[pixel + tap][c] * packed[tap][c][lanes] (a broadcast scalar times a vector
+// of output channels; register tile of 12 pixels x 32 channels on AVX-512).
+// Stride-1 convolutions with few output channels or a short reduction (first
+// layers, depthwise) use a planar variant instead: vectors along output rows
+// of an NCHW copy, times broadcast weights. The input gradient is the same
+// direct convolution run on
+// grad_output, zero-stuffed by the stride and padded by (kernel extent - 1 -
+// padding), with the kernel flipped and in/out channels swapped: each input
+// pixel gathers its own sum, so no two threads ever write the same element.
+//
+// The weight gradient accumulates tiles of (tap, input channel) x output-channel
+// vectors over all output pixels. The pixel range is split into a number of
+// parts fixed by the shape alone; each part sums into its own buffer and the
+// parts are added in order, so the result is bitwise reproducible whatever the
+// thread count or scheduling.
+//
+// Parallelism: at::parallel_for over (group, chunk of output pixels) for the
+// convolutions, so one image still feeds every core; over (reduction part,
+// block of weight-gradient tiles) for the weight gradient.
+//
+// The inner loops live in conv2d_kernels.h, compiled three times (AVX-512,
+// AVX2+FMA, baseline) and chosen at run time from the CPU's features, so the
+// default build stays portable.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "conv2d_geometry.h"
+
+namespace lightning_hw {
+namespace {
+
+// Largest register tiles of any instruction set (sizes of tables and local
+// buffers). Each variant picks its own sizes, see IsaTiles.
+constexpr int kConvPixels = 12;
+constexpr int kWgradMaxRows = 12;
+constexpr int kPlanarMaxChannels = 8;
+
+// Longest reduction (channels x taps per output) sent to the planar path even
+// with many output channels; see use_planar.
+constexpr int64_t kPlanarMaxReduce = 64;
+
+// Register tile sizes of one instruction set. A 64-byte vector is one zmm
+// register, two ymm or four xmm; the accumulators must fit in the register
+// file (32 zmm, 16 ymm, 16 xmm) with room left for the operands, else every
+// FMA goes through the stack.
+struct IsaTiles {
+  int conv_pixels;              // output pixels per conv tile (NV = 1 and 2)
+  int wgrad_rows[2];            // [NV - 1] most positions per weight-gradient tile
+  int planar_channels[2];       // [NP - 1] most output channels per planar tile
+};
+
+template <typename scalar_t>
+struct WgradRows {
+  const scalar_t* input;        // zero-padded NHWC input, group channel offset applied
+  const scalar_t* grad_output;  // NHWC grad_output, group and channel-block offset applied
+  int64_t row_begin, row_end;   // rows of the flattened (image, output row) index
+  int64_t out_h, out_w;
+  int64_t input_image_stride, input_row_stride, input_pixel_stride;  // per image / output row / output pixel
+  int64_t grad_image_stride, grad_row_stride, grad_pixel_stride;
+};
+
+template <typename scalar_t>
+struct ConvKernels {
+  using ConvTile = void (*)(
+      const scalar_t* const*, const int64_t*, int64_t, int64_t, const scalar_t*, const scalar_t*,
+      scalar_t*);
+  using WgradTile = void (*)(const WgradRows<scalar_t>&, const int64_t*, scalar_t*);
+  using PlanarTile = void (*)(
+      const scalar_t*, int64_t, const int64_t*, int64_t, int64_t, const scalar_t*, int64_t,
+      const scalar_t*, scalar_t*);
+  IsaTiles tiles;
+  ConvTile conv[2];                               // [NV - 1], P = tiles.conv_pixels
+  WgradTile wgrad[2][2][kWgradMaxRows];           // [consecutive positions][NV - 1][R - 1]
+  PlanarTile planar[2][kPlanarMaxChannels];       // [NP - 1][O - 1]
+};
+
+}  // namespace
+}  // namespace lightning_hw
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+namespace lightning_hw {
+namespace {
+namespace isa_avx512 {
+// 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2.
+constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}};
+constexpr int kIsaVectorBytes = 64;
+#include "conv2d_kernels.h"
+}  // namespace isa_avx512
+}  // namespace
+}  // namespace lightning_hw
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace lightning_hw {
+namespace {
+namespace isa_avx2 {
+// 12 of 16 ymm as accumulators (a 64-byte vector is two ymm).
+constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}};
+constexpr int kIsaVectorBytes = 32;
+#include "conv2d_kernels.h"
+}  // namespace isa_avx2
+}  // namespace
+}  // namespace lightning_hw
+#pragma GCC pop_options
+
+namespace lightning_hw {
+namespace {
+namespace isa_baseline {
+// 8 to 12 of 16 xmm as accumulators (a 64-byte vector is four xmm).
+constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}};
+constexpr int kIsaVectorBytes = 16;
+#include "conv2d_kernels.h"
+}  // namespace isa_baseline
+
+// The best variant this CPU runs. LIGHTNING_HW_CPU_ISA=avx2|baseline forces a
+// lesser one (to test those code paths on an AVX-512 machine).
+template <typename scalar_t>
+const ConvKernels<scalar_t>& kernels() {
+  static const ConvKernels<scalar_t> chosen = [] {
+    const char* forced = std::getenv("LIGHTNING_HW_CPU_ISA");
+    const std::string want = forced ? forced : "";
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx512 && (want.empty() || want == "avx512")) return isa_avx512::conv_kernels<scalar_t>();
+    if (avx2 && want != "baseline") return isa_avx2::conv_kernels<scalar_t>();
+    return isa_baseline::conv_kernels<scalar_t>();
+  }();
+  return chosen;
+}
+
+template <typename scalar_t>
+constexpr int64_t lanes() {
+  return 64 / sizeof(scalar_t);
+}
+
+int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Scratch buffers for the re-laid-out activations, kept per calling thread and
+// reused from call to call. A fresh allocation above glibc's mmap threshold
+// (32 MiB) is new memory every time and pays a page fault and a page clear per
+// 4 KiB on first touch, which costs as much as the copy itself for the big
+// layers; training repeats the same shapes, so the buffers are simply reused.
+// Buffers over kWorkspaceCacheLimit bytes are not kept.
+enum WorkspaceSlot { kSourceSlot = 0, kGradOutputSlot = 1, kPaddedInputSlot = 2, kSlotCount = 3 };
+constexpr int64_t kWorkspaceCacheLimit = int64_t(64) << 20;
+
+template <typename scalar_t>
+scalar_t* workspace(WorkspaceSlot slot, int64_t elements, at::Tensor& keep_alive) {
+  thread_local std::array<at::Tensor, kSlotCount> cache;
+  const int64_t bytes = std::max<int64_t>(1, elements) * int64_t(sizeof(scalar_t));
+  if (bytes > kWorkspaceCacheLimit) {
+    keep_alive = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    return reinterpret_cast<scalar_t*>(keep_alive.mutable_data_ptr());
+  }
+  at::Tensor& buffer = cache[slot];
+  if (!buffer.defined() || buffer.numel() < bytes)
+    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  keep_alive = buffer;
+  return reinterpret_cast<scalar_t*>(buffer.mutable_data_ptr());
+}
+
+// Copies a 4-D (N, C, H, W) tensor of any strides into an NHWC buffer
+// dst[n][j][i][slot] of size (N, dst_h, dst_w, dst_channels). Source pixel
+// (h, w) lands at j = offset_h + h * step_h, i = offset_w + w * step_w when that
+// is inside the buffer (a negative offset crops); everything else is zero.
+// Channel c goes to slot (c / per_group) * per_group_padded + c % per_group, so
+// that each group can be padded to a whole vector.
+template <typename scalar_t>
+void fill_nhwc(
+    const at::Tensor& src,
+    scalar_t* dst,
+    int64_t dst_h,
+    int64_t dst_w,
+    int64_t dst_channels,
+    int64_t per_group,
+    int64_t per_group_padded,
+    int64_t offset_h,
+    int64_t offset_w,
+    int64_t step_h,
+    int64_t step_w) {
+  const scalar_t* data = src.const_data_ptr<scalar_t>();
+  const int64_t batch = src.size(0), channels = src.size(1), h = src.size(2), w = src.size(3);
+  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
+  std::vector<int64_t> slot(channels);
+  for (int64_t c = 0; c < channels; ++c)
+    slot[c] = (c / per_group) * per_group_padded + c % per_group;
+  const bool identity_slots = per_group == per_group_padded;
+  const int64_t row_size = dst_w * dst_channels;
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, row_size));
+  at::parallel_for(0, batch * dst_h, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / dst_h, j = row % dst_h;
+      scalar_t* out = dst + row * row_size;
+      std::memset(out, 0, row_size * sizeof(scalar_t));
+      const int64_t jj = j - offset_h;
+      if (jj < 0 || jj % step_h != 0 || jj / step_h >= h) continue;
+      const scalar_t* in = data + n * sn + (jj / step_h) * sh;
+      // Columns of the source that land inside the buffer.
+      const int64_t w_begin = offset_w >= 0 ? 0 : ceil_div(-offset_w, step_w);
+      const int64_t w_end = std::min(w, ceil_div(dst_w - offset_w, step_w));
+      if (sc <= sw) {
+        // Channels are the faster source dimension (channels_last): copy pixel by pixel.
+        for (int64_t x = w_begin; x < w_end; ++x) {
+          scalar_t* o = out + (offset_w + x * step_w) * dst_channels;
+          const scalar_t* s = in + x * sw;
+          for (int64_t c = 0; c < channels; ++c) o[slot[c]] = s[c * sc];
+        }
+      } else {
+        // Columns are the faster source dimension (NCHW): transpose 16x16
+        // tiles through a local buffer. A tile reads 16 cache lines once and
+        // writes 16 pixels of 16 channels; the 16 destination pixels (all
+        // channels) stay in L1 while the channel tiles go by.
+        const int64_t pixel_stride = step_w * dst_channels;
+        scalar_t* o = out + offset_w * dst_channels;
+        alignas(64) scalar_t tile[16][16];
+        for (int64_t x0 = w_begin; x0 < w_end; x0 += 16) {
+          const int64_t xn = std::min<int64_t>(16, w_end - x0);
+          for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+            const int64_t cn = std::min<int64_t>(16, channels - c0);
+            for (int64_t c = 0; c < cn; ++c) {
+              const scalar_t* s = in + (c0 + c) * sc + x0 * sw;
+              if (sw == 1 && xn == 16) {
+                std::memcpy(tile[c], s, sizeof(tile[c]));  // fixed size: inlined vector copy
+              } else {
+                for (int64_t x = 0; x < xn; ++x) tile[c][x] = s[x * sw];
+              }
+            }
+            if (identity_slots && cn == 16) {
+              for (int64_t x = 0; x < xn; ++x) {
+                scalar_t* dst = o + (x0 + x) * pixel_stride + c0;
+                for (int c = 0; c < 16; ++c) dst[c] = tile[c][x];
+              }
+            } else {
+              for (int64_t x = 0; x < xn; ++x) {
+                scalar_t* dst = o + (x0 + x) * pixel_stride;
+                for (int64_t c = 0; c < cn; ++c) dst[slot[c0 + c]] = tile[c][x];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Copies a 4-D (N, C, H, W) tensor of any strides into a planar buffer
+// dst[n][c][j][i] of size (N, C, dst_h, dst_w), placed as in fill_nhwc
+// (offsets, steps, zeros elsewhere).
+template <typename scalar_t>
+void fill_planar(
+    const at::Tensor& src,
+    scalar_t* dst,
+    int64_t dst_h,
+    int64_t dst_w,
+    int64_t offset_h,
+    int64_t offset_w,
+    int64_t step_h,
+    int64_t step_w) {
+  const scalar_t* data = src.const_data_ptr<scalar_t>();
+  const int64_t batch = src.size(0), channels = src.size(1), h = src.size(2), w = src.size(3);
+  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
+  const int64_t w_begin = offset_w >= 0 ? 0 : ceil_div(-offset_w, step_w);
+  const int64_t w_end = std::min(w, ceil_div(dst_w - offset_w, step_w));
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, dst_w));
+  at::parallel_for(0, batch * channels * dst_h, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t nc = row / dst_h, j = row % dst_h;
+      const int64_t n = nc / channels, c = nc % channels;
+      scalar_t* out = dst + row * dst_w;
+      std::memset(out, 0, dst_w * sizeof(scalar_t));
+      const int64_t jj = j - offset_h;
+      if (jj < 0 || jj % step_h != 0 || jj / step_h >= h) continue;
+      const scalar_t* in = data + n * sn + c * sc + (jj / step_h) * sh;
+      if (sw == 1 && step_w == 1) {
+        if (w_end > w_begin)
+          std::memcpy(out + offset_w + w_begin, in + w_begin, (w_end - w_begin) * sizeof(scalar_t));
+      } else {
+        for (int64_t x = w_begin; x < w_end; ++x) out[offset_w + x * step_w] = in[x * sw];
+      }
+    }
+  });
+}
+
+// Output channels are processed in blocks of two vectors; the last block of a
+// group may be a single vector.
+template <typename scalar_t>
+int64_t block_width(int64_t out_per_group, int64_t block) {
+  return std::min<int64_t>(2 * lanes<scalar_t>(), round_up(out_per_group - block * 2 * lanes<scalar_t>(), lanes<scalar_t>()));
+}
+
+// Packs the (Cout, Cin/groups, KH, KW) contiguous weights as
+// packed[g][block][tap][c][width], block stride taps * reduce * 2 * lanes,
+// lanes past the group's channel count zero. For the forward, c runs over input
+// channels and lanes over output channels; for the input gradient
+// (transposed) the roles swap and the kernel is flipped.
+template <typename scalar_t>
+at::Tensor pack_weights(const at::Tensor& weight, const Conv2dShape& s, bool transposed) {
+  const at::Tensor w = weight.contiguous();
+  const scalar_t* wd = w.const_data_ptr<scalar_t>();
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const int64_t cin_g = s.in_channels_per_group(), cout_g = s.out_channels_per_group();
+  const int64_t reduce = transposed ? cout_g : cin_g;
+  const int64_t out_pg = transposed ? cin_g : cout_g;
+  const int64_t block_lanes = 2 * lanes<scalar_t>();
+  const int64_t blocks = ceil_div(out_pg, block_lanes);
+  const int64_t block_size = taps * reduce * block_lanes;
+  at::Tensor packed = at::zeros({s.groups * blocks * block_size}, weight.options());
+  scalar_t* pd = packed.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, s.groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gb = begin; gb < end; ++gb) {
+      const int64_t g = gb / blocks, b = gb % blocks;
+      const int64_t width = block_width<scalar_t>(out_pg, b);
+      scalar_t* dst = pd + gb * block_size;
+      for (int64_t k = 0; k < taps; ++k) {
+        // The transposed (input-gradient) kernel is flipped in both directions.
+        const int64_t src_tap = transposed ? taps - 1 - k : k;
+        for (int64_t c = 0; c < reduce; ++c) {
+          for (int64_t lane = 0; lane < width; ++lane) {
+            const int64_t o = b * block_lanes + lane;
+            if (o >= out_pg) break;
+            const int64_t co = transposed ? c : o, ci = transposed ? o : c;
+            dst[(k * reduce + c) * width + lane] = wd[((g * cout_g + co) * cin_g + ci) * taps + src_tap];
+          }
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// A direct convolution over an NHWC source:
+//   out[n][g*out_pg + o][oh][ow] = init[o] + sum over taps and c of
+//     src[n][oh*stride + kh*dil][ow*stride + kw*dil][g*reduce + c] * w[g][o][c][kh][kw]
+// with the weights packed by pack_weights and out contiguous NCHW.
+template <typename scalar_t>
+struct DirectConv {
+  const scalar_t* src;
+  int64_t src_h, src_w, src_channels;
+  int64_t batch, groups, reduce, out_per_group;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, out_h, out_w;
+  const scalar_t* packed_weights;
+  const scalar_t* packed_bias;  // [g][block][2 * lanes], or null
+  scalar_t* out;
+};
+
+template <typename scalar_t>
+void run_direct_conv(const DirectConv<scalar_t>& a) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const ConvKernels<scalar_t>& kern = kernels<scalar_t>();
+  const int64_t P = kern.tiles.conv_pixels;
+  const int64_t taps = a.kernel_h * a.kernel_w;
+  const int64_t block_size = taps * a.reduce * 2 * L;
+  // Without groups and column dilation, the taps of one kernel row read one
+  // contiguous run of kernel_w * channels inputs, in the packed weights' order:
+  // one long reduction per kernel row instead of kernel_w short ones (this
+  // matters for 1 or 3 input channels).
+  const bool merge_row = a.groups == 1 && a.dilation_w == 1 && a.reduce == a.src_channels;
+  const int64_t tap_count = merge_row ? a.kernel_h : taps;
+  const int64_t tap_reduce = merge_row ? a.kernel_w * a.reduce : a.reduce;
+  std::vector<int64_t> tap_offset(tap_count);
+  for (int64_t k = 0; k < tap_count; ++k) {
+    const int64_t kh = merge_row ? k : k / a.kernel_w, kw = merge_row ? 0 : k % a.kernel_w;
+    tap_offset[k] = (kh * a.dilation_h * a.src_w + kw * a.dilation_w) * a.src_channels;
+  }
+  const int64_t blocks = ceil_div(a.out_per_group, 2 * L);
+  const int64_t plane = a.out_h * a.out_w;
+  const int64_t total = a.batch * plane;
+  const int64_t out_channels = a.groups * a.out_per_group;
+  const int64_t tiles = ceil_div(total, P);
+  // Chunks of up to 96 pixels: their input rows stay in L2 while every output
+  // channel block passes over them; smaller chunks when there is little work,
+  // so that every thread gets some.
+  const int64_t threads = at::get_num_threads();
+  const int64_t tiles_per_chunk =
+      std::clamp<int64_t>(tiles * a.groups / (8 * threads), 1, ceil_div(96, P));
+  const int64_t chunks = ceil_div(tiles, tiles_per_chunk);
+  at::parallel_for(0, a.groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t tile[kConvPixels * 2 * L];
+    std::vector<const scalar_t*> base(tiles_per_chunk * P);
+    std::vector<int64_t> out_offset(tiles_per_chunk * P);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t g = unit / chunks, chunk = unit % chunks;
+      const int64_t t_begin = chunk * tiles_per_chunk;
+      const int64_t t_end = std::min(tiles, t_begin + tiles_per_chunk);
+      for (int64_t i = 0; i < (t_end - t_begin) * P; ++i) {
+        // The last tile repeats the last pixel: recomputing it is harmless and
+        // keeps a single fixed-size kernel.
+        const int64_t pixel = std::min(t_begin * P + i, total - 1);
+        const int64_t n = pixel / plane, r = pixel % plane;
+        const int64_t oh = r / a.out_w, ow = r % a.out_w;
+        base[i] = a.src +
+                  ((n * a.src_h + oh * a.stride_h) * a.src_w + ow * a.stride_w) * a.src_channels +
+                  g * a.reduce;
+        out_offset[i] = n * out_channels * plane + r;
+      }
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t width = block_width<scalar_t>(a.out_per_group, b);
+        const int64_t valid = std::min(width, a.out_per_group - b * 2 * L);
+        const auto conv = kern.conv[width > L ? 1 : 0];
+        const scalar_t* w = a.packed_weights + (g * blocks + b) * block_size;
+        const scalar_t* init = a.packed_bias ? a.packed_bias + (g * blocks + b) * 2 * L : nullptr;
+        scalar_t* out = a.out + (g * a.out_per_group + b * 2 * L) * plane;
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          const int64_t first = (t - t_begin) * P;
+          conv(&base[first], tap_offset.data(), tap_count, tap_reduce, w, init, tile);
+          for (int64_t lane = 0; lane < valid; ++lane) {
+            scalar_t* dst = out + lane * plane;
+            for (int64_t p = 0; p < P; ++p) dst[out_offset[first + p]] = tile[p * width + lane];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Stride 1 and either few output channels per group (a vector of output
+// channels would be mostly empty lanes) or a short reduction (reduce * taps
+// multiply-adds per output, e.g. 27 for 3 input channels and a 3x3 kernel):
+// then the channel-vector path is bound by its scalar stores into NCHW, one per
+// output, and the planar path, which stores whole rows, is faster.
+template <typename scalar_t>
+bool use_planar(int64_t out_per_group, int64_t reduce_per_output, int64_t stride_h, int64_t stride_w) {
+  return stride_h == 1 && stride_w == 1 &&
+         (out_per_group * 2 <= lanes<scalar_t>() || reduce_per_output <= kPlanarMaxReduce);
+}
+
+// Weights as packed[g][c][tap][o]: c over the reduced channels, o over the
+// group's outputs; transposed (input gradient) swaps the roles of in/out
+// channels and flips the kernel, as in pack_weights.
+template <typename scalar_t>
+at::Tensor pack_planar_weights(const at::Tensor& weight, const Conv2dShape& s, bool transposed) {
+  const at::Tensor w = weight.contiguous();
+  const scalar_t* wd = w.const_data_ptr<scalar_t>();
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const int64_t cin_g = s.in_channels_per_group(), cout_g = s.out_channels_per_group();
+  const int64_t reduce = transposed ? cout_g : cin_g;
+  const int64_t out_pg = transposed ? cin_g : cout_g;
+  at::Tensor packed = at::empty({s.groups * reduce * taps * out_pg}, weight.options());
+  scalar_t* pd = packed.mutable_data_ptr<scalar_t>();
+  for (int64_t g = 0; g < s.groups; ++g)
+    for (int64_t c = 0; c < reduce; ++c)
+      for (int64_t k = 0; k < taps; ++k)
+        for (int64_t o = 0; o < out_pg; ++o) {
+          const int64_t co = transposed ? c : o, ci = transposed ? o : c;
+          const int64_t src_tap = transposed ? taps - 1 - k : k;
+          pd[((g * reduce + c) * taps + k) * out_pg + o] =
+              wd[((g * cout_g + co) * cin_g + ci) * taps + src_tap];
+        }
+  return packed;
+}
+
+// A stride-1 direct convolution over a planar source:
+//   out[n][g*out_pg + o][oh][ow] = bias[g*out_pg + o] + sum over taps and c of
+//     src[n][g*reduce + c][oh + kh*dil][ow + kw*dil] * w[g][o][c][kh][kw]
+// The source needs 2 * lanes readable elements past its end: the last vector
+// of a row may run past it (those lanes are computed but never stored).
+template <typename scalar_t>
+struct PlanarConv {
+  const scalar_t* src;
+  int64_t src_h, src_w;
+  int64_t batch, groups, reduce, out_per_group;
+  int64_t kernel_h, kernel_w, dilation_h, dilation_w, out_h, out_w;
+  const scalar_t* packed_weights;  // pack_planar_weights
+  const scalar_t* bias;            // (groups * out_per_group) or null
+  scalar_t* out;
+};
+
+template <typename scalar_t>
+void run_planar_conv(const PlanarConv<scalar_t>& a) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const ConvKernels<scalar_t>& kern = kernels<scalar_t>();
+  const int64_t taps = a.kernel_h * a.kernel_w;
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t kh = 0; kh < a.kernel_h; ++kh)
+    for (int64_t kw = 0; kw < a.kernel_w; ++kw)
+      tap_offset[kh * a.kernel_w + kw] = kh * a.dilation_h * a.src_w + kw * a.dilation_w;
+  const int64_t channel_stride = a.src_h * a.src_w;
+  // Rows of more than one vector use two-vector tiles (the tail may use one).
+  const int64_t max_channels = kern.tiles.planar_channels[a.out_w > L ? 1 : 0];
+  const int64_t out_channels = a.groups * a.out_per_group;
+  const int64_t rows = a.batch * a.groups * a.out_h;
+  const int64_t row_work = a.out_per_group * a.reduce * taps * a.out_w;
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row_work));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t tile[kPlanarMaxChannels * 2 * L];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / (a.groups * a.out_h);
+      const int64_t g = (row / a.out_h) % a.groups;
+      const int64_t oh = row % a.out_h;
+      const scalar_t* src =
+          a.src + ((n * a.groups + g) * a.reduce * a.src_h + oh) * a.src_w;
+      const scalar_t* w = a.packed_weights + g * a.reduce * taps * a.out_per_group;
+      for (int64_t o0 = 0; o0 < a.out_per_group;) {
+        const int64_t count = std::min<int64_t>(max_channels, a.out_per_group - o0);
+        for (int64_t ow0 = 0; ow0 < a.out_w;) {
+          const int64_t vectors = a.out_w - ow0 > L ? 2 : 1;
+          kern.planar[vectors - 1][count - 1](
+              src + ow0, channel_stride, tap_offset.data(), taps, a.reduce, w + o0,
+              a.out_per_group, a.bias ? a.bias + g * a.out_per_group + o0 : nullptr, tile);
+          const int64_t valid = std::min(vectors * L, a.out_w - ow0);
+          for (int64_t o = 0; o < count; ++o) {
+            scalar_t* dst =
+                a.out + ((n * out_channels + g * a.out_per_group + o0 + o) * a.out_h + oh) * a.out_w + ow0;
+            std::memcpy(dst, tile + o * vectors * L, valid * sizeof(scalar_t));
+          }
+          ow0 += valid;
+        }
+        o0 += count;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void conv2d_forward_impl(
+    const at::Tensor& input4,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const Conv2dShape& s,
+    at::Tensor& out4) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const int64_t cout_g = s.out_channels_per_group();
+  // Padded only as far as the taps reach: bottom/right rows the kernel never
+  // touches are left out, and 'same' padding comes out asymmetric by itself.
+  const int64_t pad_h = (s.out_h - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
+  const int64_t pad_w = (s.out_w - 1) * s.stride_w + (s.kernel_w - 1) * s.dilation_w + 1;
+  if (use_planar<scalar_t>(
+          cout_g, s.in_channels_per_group() * s.kernel_h * s.kernel_w, s.stride_h, s.stride_w)) {
+    at::Tensor keep_alive;
+    const int64_t src_size = s.batch * s.in_channels * pad_h * pad_w;
+    scalar_t* src = workspace<scalar_t>(kSourceSlot, src_size + 2 * L, keep_alive);
+    fill_planar<scalar_t>(input4, src, pad_h, pad_w, s.pad_top, s.pad_left, 1, 1);
+    std::memset(src + src_size, 0, 2 * L * sizeof(scalar_t));  // read past the end, never stored
+    const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/false);
+    at::Tensor bias_contiguous;
+    if (bias.has_value()) bias_contiguous = bias->contiguous();
+    PlanarConv<scalar_t> a{
+        src, pad_h, pad_w, s.batch, s.groups,
+        s.in_channels_per_group(), cout_g, s.kernel_h, s.kernel_w, s.dilation_h, s.dilation_w,
+        s.out_h, s.out_w, packed.const_data_ptr<scalar_t>(),
+        bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr,
+        out4.mutable_data_ptr<scalar_t>()};
+    run_planar_conv(a);
+    return;
+  }
+  at::Tensor keep_alive;
+  scalar_t* src =
+      workspace<scalar_t>(kSourceSlot, s.batch * pad_h * pad_w * s.in_channels, keep_alive);
+  fill_nhwc<scalar_t>(
+      input4, src, pad_h, pad_w, s.in_channels, s.in_channels, s.in_channels, s.pad_top,
+      s.pad_left, 1, 1);
+  const at::Tensor packed = pack_weights<scalar_t>(weight, s, /*transposed=*/false);
+  const int64_t blocks = ceil_div(cout_g, 2 * L);
+  at::Tensor packed_bias;
+  if (bias.has_value()) {
+    packed_bias = at::zeros({s.groups * blocks * 2 * L}, input4.options());
+    const at::Tensor b = bias->contiguous();
+    const scalar_t* bd = b.const_data_ptr<scalar_t>();
+    scalar_t* pb = packed_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t g = 0; g < s.groups; ++g)
+      for (int64_t o = 0; o < cout_g; ++o) pb[g * blocks * 2 * L + o] = bd[g * cout_g + o];
+  }
+  DirectConv<scalar_t> a{
+      src,
+      pad_h,
+      pad_w,
+      s.in_channels,
+      s.batch,
+      s.groups,
+      s.in_channels_per_group(),
+      cout_g,
+      s.kernel_h,
+      s.kernel_w,
+      s.stride_h,
+      s.stride_w,
+      s.dilation_h,
+      s.dilation_w,
+      s.out_h,
+      s.out_w,
+      packed.const_data_ptr<scalar_t>(),
+      bias.has_value() ? packed_bias.const_data_ptr<scalar_t>() : nullptr,
+      out4.mutable_data_ptr<scalar_t>()};
+  run_direct_conv(a);
+}
+
+at::Tensor conv2d_cpu(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool pad_same) {
+  check_operands("conv2d", input, weight, bias, {at::kFloat, at::kDouble}, "CPU");
+  const Conv2dShape s =
+      conv2d_shape_of(input, weight, bias, stride, padding, dilation, groups, pad_same);
+  const bool batched = input.dim() == 4;
+  std::vector<int64_t> size = {s.batch, s.out_channels, s.out_h, s.out_w};
+  if (!batched) size.erase(size.begin());
+  at::Tensor out = at::empty(size, input.options());
+  if (out.numel() == 0) return out;
+  at::Tensor out4 = batched ? out : out.unsqueeze(0);
+  const at::Tensor input4 = batched ? input : input.unsqueeze(0);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d", [&] {
+    conv2d_forward_impl<scalar_t>(input4, weight, bias, s, out4);
+  });
+  return out;
+}
+
+// grad_input: the direct convolution of grad_output, zero-stuffed by the
+// stride and padded by (kernel extent - 1 - padding), with the flipped,
+// channel-swapped kernel, stride 1, the same dilation.
+template <typename scalar_t>
+void input_grad_impl(
+    const at::Tensor& grad4, const at::Tensor& weight, const Conv2dShape& s, at::Tensor& grad_input4) {
+  const int64_t src_h = s.in_h + (s.kernel_h - 1) * s.dilation_h;
+  const int64_t src_w = s.in_w + (s.kernel_w - 1) * s.dilation_w;
+  const int64_t offset_h = (s.kernel_h - 1) * s.dilation_h - s.pad_top;
+  const int64_t offset_w = (s.kernel_w - 1) * s.dilation_w - s.pad_left;
+  if (use_planar<scalar_t>(
+          s.in_channels_per_group(), s.out_channels_per_group() * s.kernel_h * s.kernel_w, 1, 1)) {
+    at::Tensor keep_alive;
+    const int64_t src_size = s.batch * s.out_channels * src_h * src_w;
+    scalar_t* src = workspace<scalar_t>(kSourceSlot, src_size + 2 * lanes<scalar_t>(), keep_alive);
+    fill_planar<scalar_t>(grad4, src, src_h, src_w, offset_h, offset_w, s.stride_h, s.stride_w);
+    std::memset(src + src_size, 0, 2 * lanes<scalar_t>() * sizeof(scalar_t));  // read past the end, never stored
+    const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/true);
+    PlanarConv<scalar_t> a{
+        src, src_h, src_w, s.batch, s.groups,
+        s.out_channels_per_group(), s.in_channels_per_group(), s.kernel_h, s.kernel_w,
+        s.dilation_h, s.dilation_w, s.in_h, s.in_w, packed.const_data_ptr<scalar_t>(), nullptr,
+        grad_input4.mutable_data_ptr<scalar_t>()};
+    run_planar_conv(a);
+    return;
+  }
+  at::Tensor keep_alive;
+  scalar_t* src =
+      workspace<scalar_t>(kSourceSlot, s.batch * src_h * src_w * s.out_channels, keep_alive);
+  fill_nhwc<scalar_t>(
+      grad4, src, src_h, src_w, s.out_channels, s.out_channels,
+      s.out_channels, offset_h, offset_w, s.stride_h, s.stride_w);
+  const at::Tensor packed = pack_weights<scalar_t>(weight, s, /*transposed=*/true);
+  DirectConv<scalar_t> a{
+      src,
+      src_h,
+      src_w,
+      s.out_channels,
+      s.batch,
+      s.groups,
+      s.out_channels_per_group(),
+      s.in_channels_per_group(),
+      s.kernel_h,
+      s.kernel_w,
+      1,
+      1,
+      s.dilation_h,
+      s.dilation_w,
+      s.in_h,
+      s.in_w,
+      packed.const_data_ptr<scalar_t>(),
+      nullptr,
+      grad_input4.mutable_data_ptr<scalar_t>()};
+  run_direct_conv(a);
+}
+
+// grad_output in NHWC with each group's channels padded to whole vectors
+// (zero lanes), as the weight- and bias-gradient loops read it.
+template <typename scalar_t>
+const scalar_t* grad_output_nhwc(
+    const at::Tensor& grad4, const Conv2dShape& s, int64_t cout_g_padded, at::Tensor& keep_alive) {
+  scalar_t* buffer = workspace<scalar_t>(
+      kGradOutputSlot, s.batch * s.out_h * s.out_w * s.groups * cout_g_padded, keep_alive);
+  fill_nhwc<scalar_t>(
+      grad4, buffer, s.out_h, s.out_w, s.groups * cout_g_padded, s.out_channels_per_group(),
+      cout_g_padded, 0, 0, 1, 1);
+  return buffer;
+}
+
+// Number of independent partial sums of a reduction over `rows`: fixed by the
+// shape alone (never by the thread count), so results are reproducible.
+int64_t reduction_parts(int64_t rows, int64_t independent_items) {
+  if (independent_items >= 16) return 1;
+  return std::clamp<int64_t>(rows, 1, 8);
+}
+
+template <typename scalar_t>
+void weight_grad_impl(
+    const at::Tensor& input4,
+    const scalar_t* grad_nhwc,
+    int64_t cout_g_padded,
+    const Conv2dShape& s,
+    at::Tensor& grad_weight) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const ConvKernels<scalar_t>& kern = kernels<scalar_t>();
+  const int64_t pad_h = (s.out_h - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
+  const int64_t pad_w = (s.out_w - 1) * s.stride_w + (s.kernel_w - 1) * s.dilation_w + 1;
+  at::Tensor keep_alive;
+  scalar_t* input_padded = workspace<scalar_t>(
+      kPaddedInputSlot, s.batch * pad_h * pad_w * s.in_channels, keep_alive);
+  fill_nhwc<scalar_t>(
+      input4, input_padded, pad_h, pad_w, s.in_channels,
+      s.in_channels, s.in_channels, s.pad_top, s.pad_left, 1, 1);
+
+  const int64_t cin_g = s.in_channels_per_group(), cout_g = s.out_channels_per_group();
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  // Reduced positions q = (tap, input channel), tap-major.
+  const int64_t positions = taps * cin_g;
+  std::vector<int64_t> q_offset(positions);
+  for (int64_t k = 0; k < taps; ++k)
+    for (int64_t c = 0; c < cin_g; ++c)
+      q_offset[k * cin_g + c] =
+          ((k / s.kernel_w) * s.dilation_h * pad_w + (k % s.kernel_w) * s.dilation_w) *
+              s.in_channels +
+          c;
+  // Tiles of at most max_rows positions, as even as possible; they never
+  // overlap, since every tile adds its chunk's sums into its own slots. With
+  // enough channels the tiles stay within one tap (consecutive channels: one
+  // pointer, no offset table); with few channels (1 or 3) they run across taps.
+  struct PositionTile {
+    int64_t first, count;
+    bool consecutive;
+  };
+  std::vector<PositionTile> q_tile_list;
+  const bool per_tap = cin_g >= 4;
+  const int64_t span = per_tap ? cin_g : positions;
+  const int64_t max_rows = kern.tiles.wgrad_rows[cout_g_padded > L ? 1 : 0];
+  const int64_t tiles_per_span = ceil_div(span, max_rows);
+  for (int64_t start = 0; start < positions; start += span) {
+    for (int64_t t = 0; t < tiles_per_span; ++t) {
+      const int64_t first = t * span / tiles_per_span, next = (t + 1) * span / tiles_per_span;
+      q_tile_list.push_back({start + first, next - first, per_tap});
+    }
+  }
+  const int64_t q_tiles = static_cast<int64_t>(q_tile_list.size());
+  const int64_t blocks = ceil_div(cout_g_padded, 2 * L);
+  const int64_t block_size = positions * 2 * L;
+  const int64_t items = s.groups * blocks * q_tiles;
+  const int64_t rows = s.batch * s.out_h;
+  const int64_t parts = reduction_parts(rows, items);
+  // Items are independent outputs, so how they are split among threads does not
+  // change any result: one block per thread, so that every row chunk brought
+  // into L2 serves as many items as possible.
+  const int64_t item_blocks = std::min<int64_t>(items, at::get_num_threads());
+  const int64_t part_size = s.groups * blocks * block_size;
+  at::Tensor partial = at::zeros({parts * part_size}, input4.options());
+  scalar_t* partial_data = partial.mutable_data_ptr<scalar_t>();
+  const scalar_t* x = input_padded;
+  const scalar_t* gy = grad_nhwc;
+  const int64_t grad_channels = s.groups * cout_g_padded;
+  // Rows per chunk: about 512 KiB of input and grad_output (half of this
+  // machine's 1 MiB L2), reused from L2 by every tile of the unit.
+  const int64_t row_elements =
+      s.out_w * grad_channels + s.stride_h * pad_w * s.in_channels;
+  const int64_t chunk_rows = std::max<int64_t>(1, (int64_t(1) << 19) / sizeof(scalar_t) / row_elements);
+
+  at::parallel_for(0, parts * item_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t part = unit / item_blocks, item_block = unit % item_blocks;
+      const int64_t row_begin = part * rows / parts, row_end = (part + 1) * rows / parts;
+      const int64_t item_begin = item_block * items / item_blocks;
+      const int64_t item_end = (item_block + 1) * items / item_blocks;
+      for (int64_t r0 = row_begin; r0 < row_end; r0 += chunk_rows) {
+        for (int64_t item = item_begin; item < item_end; ++item) {
+          const int64_t g = item / (blocks * q_tiles);
+          const int64_t b = (item / q_tiles) % blocks;
+          const PositionTile& tile = q_tile_list[item % q_tiles];
+          const int64_t q0 = tile.first;
+          const int64_t width = block_width<scalar_t>(cout_g_padded, b);
+          WgradRows<scalar_t> wr{
+              x + g * cin_g,
+              gy + g * cout_g_padded + b * 2 * L,
+              r0,
+              std::min(row_end, r0 + chunk_rows),
+              s.out_h,
+              s.out_w,
+              pad_h * pad_w * s.in_channels,
+              s.stride_h * pad_w * s.in_channels,
+              s.stride_w * s.in_channels,
+              s.out_h * s.out_w * grad_channels,
+              s.out_w * grad_channels,
+              grad_channels};
+          scalar_t* acc = partial_data + part * part_size + (g * blocks + b) * block_size + q0 * width;
+          kern.wgrad[tile.consecutive][width > L ? 1 : 0][tile.count - 1](wr, &q_offset[q0], acc);
+        }
+      }
+    }
+  });
+
+  // Sum the parts in order into grad_weight (Cout, Cin/groups, KH, KW).
+  scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, s.out_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t co = begin; co < end; ++co) {
+      const int64_t g = co / cout_g, o = co % cout_g;
+      const int64_t b = o / (2 * L), lane = o % (2 * L);
+      const int64_t width = block_width<scalar_t>(cout_g_padded, b);
+      const scalar_t* block = partial_data + (g * blocks + b) * block_size + lane;
+      for (int64_t c = 0; c < cin_g; ++c) {
+        for (int64_t k = 0; k < taps; ++k) {
+          const int64_t at_q = (k * cin_g + c) * width;
+          scalar_t sum = block[at_q];
+          for (int64_t part = 1; part < parts; ++part) sum += block[part * part_size + at_q];
+          gw[(co * cin_g + c) * taps + k] = sum;
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void bias_grad_impl(
+    const scalar_t* grad_nhwc, int64_t cout_g_padded, const Conv2dShape& s, at::Tensor& grad_bias) {
+  const int64_t channels = s.groups * cout_g_padded;
+  const int64_t pixels = s.batch * s.out_h * s.out_w;
+  const int64_t parts = std::clamp<int64_t>(pixels, 1, 8);
+  std::vector<scalar_t> partial(parts * channels, scalar_t(0));
+  const scalar_t* gy = grad_nhwc;
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      scalar_t* sum = partial.data() + part * channels;
+      for (int64_t p = part * pixels / parts; p < (part + 1) * pixels / parts; ++p) {
+        const scalar_t* row = gy + p * channels;
+        for (int64_t c = 0; c < channels; ++c) sum[c] += row[c];
+      }
+    }
+  });
+  const int64_t cout_g = s.out_channels_per_group();
+  scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+  for (int64_t co = 0; co < s.out_channels; ++co) {
+    const int64_t slot = (co / cout_g) * cout_g_padded + co % cout_g;
+    scalar_t sum = partial[slot];
+    for (int64_t part = 1; part < parts; ++part) sum += partial[part * channels + slot];
+    gb[co] = sum;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool pad_same,
+    std::array<bool, 3> output_mask) {
+  check_operands("conv2d_backward", input, weight, std::nullopt, {at::kFloat, at::kDouble}, "CPU");
+  const Conv2dShape s =
+      conv2d_shape_of(input, weight, std::nullopt, stride, padding, dilation, groups, pad_same);
+  const bool batched = input.dim() == 4;
+  std::vector<int64_t> out_size = {s.batch, s.out_channels, s.out_h, s.out_w};
+  if (!batched) out_size.erase(out_size.begin());
+  check_grad_output("conv2d_backward", grad_output, input, out_size);
+
+  const auto options = grad_output.options();
+  at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), options) : at::empty({0}, options);
+  at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), options) : at::empty({0}, options);
+  at::Tensor grad_bias = output_mask[2] ? at::empty({s.out_channels}, options) : at::empty({0}, options);
+  if (s.batch == 0) {  // nothing to sum: zero parameter gradients, empty input gradient
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const at::Tensor grad4 = batched ? grad_output : grad_output.unsqueeze(0);
+  const at::Tensor input4 = batched ? input : input.unsqueeze(0);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_backward", [&] {
+    if (output_mask[0] && grad_input.numel() > 0) {
+      at::Tensor grad_input4 = batched ? grad_input : grad_input.unsqueeze(0);
+      input_grad_impl<scalar_t>(grad4, weight, s, grad_input4);
+    }
+    if (output_mask[1] || output_mask[2]) {
+      const int64_t cout_g_padded = round_up(s.out_channels_per_group(), lanes<scalar_t>());
+      at::Tensor keep_alive;
+      const scalar_t* grad_nhwc = grad_output_nhwc<scalar_t>(grad4, s, cout_g_padded, keep_alive);
+      if (output_mask[1]) weight_grad_impl<scalar_t>(input4, grad_nhwc, cout_g_padded, s, grad_weight);
+      if (output_mask[2]) bias_grad_impl<scalar_t>(grad_nhwc, cout_g_padded, s, grad_bias);
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace lightning_hw
+
+TORCH_LIBRARY_IMPL(lightning_hw, CPU, m) {
+  m.impl("conv2d", &lightning_hw::conv2d_cpu);
+  m.impl("conv2d_backward", &lightning_hw::conv2d_backward_cpu);
+}

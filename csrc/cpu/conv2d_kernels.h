@@ -1,0 +1,208 @@
+// Register-blocked inner loops of the direct convolution. No include guard on
+// purpose: conv2d.cpp includes this file once per instruction set, each time
+// inside its own namespace and `#pragma GCC target` region, so the same source
+// becomes an AVX-512, an AVX2 and a baseline (SSE2) variant, picked at run time.
+// Everything this file needs is included by conv2d.cpp before it.
+
+// The kernels work on 64-byte vectors of channels or pixels (16 floats / 8
+// doubles: the unit of the packed layouts), each held as 64 / kIsaVectorBytes
+// native vectors of this instruction set: one zmm, two ymm or four xmm. GCC
+// vector extensions keep the code free of intrinsics, so the baseline variant
+// compiles anywhere. (A plain 64-byte vector type would compile too, but
+// without AVX-512 GCC builds its scalar broadcasts through the stack.)
+template <typename scalar_t>
+struct NativeVec {
+  typedef scalar_t type __attribute__((vector_size(kIsaVectorBytes)));
+  static constexpr int lanes = kIsaVectorBytes / sizeof(scalar_t);
+};
+constexpr int kPieces = 64 / kIsaVectorBytes;  // native vectors per 64-byte vector
+
+template <typename V>
+inline V load_vec(const void* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline void store_vec(void* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// Output tile of P pixels x NV vectors of output channels, accumulated in
+// registers: for every kernel tap k and reduced channel c, NV weight vectors
+// are loaded once and multiplied by P broadcast input scalars (P*NV FMAs for
+// NV loads + P broadcasts). Tile sizes per instruction set: IsaTiles.
+//   pixel_base[p] + tap_offset[k] + c : input scalar of pixel p at tap k
+//   weights + (k * reduce + c) * NV*lanes : the output-channel vector(s)
+//   init: NV*lanes starting values (bias) or null for zero
+//   tile: [P][NV*lanes] result
+template <typename scalar_t, int NV, int P>
+void conv_tile(
+    const scalar_t* const* pixel_base,
+    const int64_t* tap_offset,
+    int64_t taps,
+    int64_t reduce,
+    const scalar_t* weights,
+    const scalar_t* init,
+    scalar_t* tile) {
+  using V = typename NativeVec<scalar_t>::type;
+  constexpr int L = NativeVec<scalar_t>::lanes;
+  constexpr int N = NV * kPieces;  // native vectors of output channels
+  V acc[P][N];
+#pragma GCC unroll 16
+  for (int j = 0; j < N; ++j) {
+    const V start = init ? load_vec<V>(init + j * L) : V{};
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) acc[p][j] = start;
+  }
+  for (int64_t k = 0; k < taps; ++k) {
+    const scalar_t* src[P];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) src[p] = pixel_base[p] + tap_offset[k];
+    const scalar_t* w = weights + k * reduce * (N * L);
+    for (int64_t c = 0; c < reduce; ++c) {
+      V wv[N];
+#pragma GCC unroll 16
+      for (int j = 0; j < N; ++j) wv[j] = load_vec<V>(w + c * (N * L) + j * L);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const scalar_t x = src[p][c];
+#pragma GCC unroll 16
+        for (int j = 0; j < N; ++j) acc[p][j] += wv[j] * x;
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) store_vec(tile + p * (N * L) + j * L, acc[p][j]);
+}
+
+// Weight-gradient tile: R reduced positions q (a kernel tap and an input
+// channel each, at input offsets q_offset[r]) x NV vectors of output channels,
+// summed over every output pixel of the rows. acc_io holds [R][NV*lanes]
+// running sums, read at the start and written back at the end, so a caller
+// can feed the pixels chunk by chunk (the chunk stays in L2 across tiles).
+// Consecutive: the R positions are consecutive channels of one tap
+// (q_offset[r] = q_offset[0] + r), read from one pointer; otherwise every
+// position keeps its own offset (in registers or spilled).
+template <typename scalar_t, int NV, int R, bool Consecutive>
+void wgrad_tile(const WgradRows<scalar_t>& rows, const int64_t* q_offset, scalar_t* acc_io) {
+  using V = typename NativeVec<scalar_t>::type;
+  constexpr int L = NativeVec<scalar_t>::lanes;
+  constexpr int N = NV * kPieces;  // native vectors of output channels
+  V acc[R][N];
+  int64_t offset[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    offset[r] = Consecutive ? q_offset[0] + r : q_offset[r];
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) acc[r][j] = load_vec<V>(acc_io + r * (N * L) + j * L);
+  }
+  for (int64_t row = rows.row_begin; row < rows.row_end; ++row) {
+    const int64_t image = row / rows.out_h;
+    const int64_t oh = row - image * rows.out_h;
+    const scalar_t* x = rows.input + image * rows.input_image_stride + oh * rows.input_row_stride +
+                        (Consecutive ? q_offset[0] : 0);
+    const scalar_t* g =
+        rows.grad_output + image * rows.grad_image_stride + oh * rows.grad_row_stride;
+    for (int64_t ow = 0; ow < rows.out_w; ++ow) {
+      V gv[N];
+#pragma GCC unroll 16
+      for (int j = 0; j < N; ++j) gv[j] = load_vec<V>(g + j * L);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const scalar_t xv = Consecutive ? x[r] : x[offset[r]];
+#pragma GCC unroll 16
+        for (int j = 0; j < N; ++j) acc[r][j] += gv[j] * xv;
+      }
+      x += rows.input_pixel_stride;
+      g += rows.grad_pixel_stride;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) store_vec(acc_io + r * (N * L) + j * L, acc[r][j]);
+}
+
+// Stride-1 tile for few output channels (where a vector of output channels
+// would be mostly empty lanes): O output channels x NP vectors of consecutive
+// pixels of one output row, read from a planar (NCHW) source. For every
+// reduced channel c and tap k, NP pixel vectors are loaded once and multiplied
+// by O broadcast weights.
+//   src + c * channel_stride + tap_offset[k] : the row of pixels of channel c at tap k
+//   weights + (c * taps + k) * weight_stride + o : the weight of output channel o
+//   init: O starting values (bias) or null for zero
+//   tile: [O][NP*lanes] result
+template <typename scalar_t, int O, int NP>
+void planar_tile(
+    const scalar_t* src,
+    int64_t channel_stride,
+    const int64_t* tap_offset,
+    int64_t taps,
+    int64_t reduce,
+    const scalar_t* weights,
+    int64_t weight_stride,
+    const scalar_t* init,
+    scalar_t* tile) {
+  using V = typename NativeVec<scalar_t>::type;
+  constexpr int L = NativeVec<scalar_t>::lanes;
+  constexpr int N = NP * kPieces;  // native vectors of pixels
+  V acc[O][N];
+#pragma GCC unroll 8
+  for (int o = 0; o < O; ++o) {
+    const scalar_t start = init ? init[o] : scalar_t(0);
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) acc[o][j] = V{} + start;
+  }
+  for (int64_t c = 0; c < reduce; ++c) {
+    const scalar_t* plane = src + c * channel_stride;
+    const scalar_t* w = weights + c * taps * weight_stride;
+    for (int64_t k = 0; k < taps; ++k) {
+      const scalar_t* row = plane + tap_offset[k];
+      V xv[N];
+#pragma GCC unroll 16
+      for (int j = 0; j < N; ++j) xv[j] = load_vec<V>(row + j * L);
+#pragma GCC unroll 8
+      for (int o = 0; o < O; ++o) {
+        const scalar_t wo = w[k * weight_stride + o];
+#pragma GCC unroll 16
+        for (int j = 0; j < N; ++j) acc[o][j] += xv[j] * wo;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int o = 0; o < O; ++o)
+#pragma GCC unroll 16
+    for (int j = 0; j < N; ++j) store_vec(tile + o * (N * L) + j * L, acc[o][j]);
+}
+
+// The kernels of this instruction set, as plain function pointers.
+template <typename scalar_t, int NV, bool Consecutive, size_t... R>
+void fill_wgrad_table(typename ConvKernels<scalar_t>::WgradTile* table, std::index_sequence<R...>) {
+  ((table[R] = &wgrad_tile<scalar_t, NV, int(R) + 1, Consecutive>), ...);
+}
+
+template <typename scalar_t, int NP, size_t... O>
+void fill_planar_table(typename ConvKernels<scalar_t>::PlanarTile* table, std::index_sequence<O...>) {
+  ((table[O] = &planar_tile<scalar_t, int(O) + 1, NP>), ...);
+}
+
+template <typename scalar_t>
+ConvKernels<scalar_t> conv_kernels() {
+  ConvKernels<scalar_t> k;
+  k.tiles = kIsaTiles;
+  k.conv[0] = &conv_tile<scalar_t, 1, kIsaTiles.conv_pixels>;
+  k.conv[1] = &conv_tile<scalar_t, 2, kIsaTiles.conv_pixels>;
+  using WgradRowsSeq = std::make_index_sequence<kWgradMaxRows>;
+  fill_wgrad_table<scalar_t, 1, false>(k.wgrad[0][0], WgradRowsSeq{});
+  fill_wgrad_table<scalar_t, 2, false>(k.wgrad[0][1], WgradRowsSeq{});
+  fill_wgrad_table<scalar_t, 1, true>(k.wgrad[1][0], WgradRowsSeq{});
+  fill_wgrad_table<scalar_t, 2, true>(k.wgrad[1][1], WgradRowsSeq{});
+  using PlanarSeq = std::make_index_sequence<kPlanarMaxChannels>;
+  fill_planar_table<scalar_t, 1>(k.planar[0], PlanarSeq{});
+  fill_planar_table<scalar_t, 2>(k.planar[1], PlanarSeq{});
+  return k;
+}
