@@ -1,6 +1,7 @@
 """The build never drops CUDA silently, and the extension reports how it was built."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,16 @@ def run_setup(env_overrides):
     )
 
 
-@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
-def test_force_cuda_without_cuda_torch_is_an_error():
+def test_force_cuda_without_a_usable_toolkit_is_an_error():
+    has_sources = any((ROOT / "csrc" / "cuda").glob("*.cu"))
+    has_nvcc = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+    if torch.version.cuda is not None and has_sources and has_nvcc:
+        pytest.skip("CUDA can be built here, so FORCE_CUDA=1 builds it (the install step does that)")
     result = run_setup({"FORCE_CUDA": "1"})
     assert result.returncode != 0
     assert "FORCE_CUDA=1 but CUDA cannot be built" in result.stderr
-    assert "CPU-only build" in result.stderr
+    if torch.version.cuda is None:
+        assert "CPU-only build" in result.stderr
 
 
 def test_build_configuration_is_printed():

@@ -176,28 +176,20 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         self,
         data_dir: str | Path = "./data",
         batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
         val_size: int | float = 1000,
-        seed: int = 0,
-        normalize: str = "none",
         flatten: bool = False,
         augment: bool = False,
         download: bool = True,
         download_timeout: float = 60.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
             batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
             val_size=val_size,
-            seed=seed,
-            normalize=normalize,
             flatten=flatten,
             augment=TensorAugment(crop_padding=4, horizontal_flip=True) if augment else None,
+            **kwargs,
         )
         self.save_hyperparameters()
         self.download = download

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,24 +51,11 @@ class DigitsDataModule(ImageClassificationDataModule):
         self,
         data_dir: str | Path = "./data",
         batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
         val_size: int | float = 0.1,
         test_size: int | float = 0.2,
-        seed: int = 0,
-        normalize: str = "none",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_size=val_size,
-            seed=seed,
-            normalize=normalize,
-        )
+        super().__init__(data_dir=data_dir, batch_size=batch_size, val_size=val_size, **kwargs)
         self.save_hyperparameters()
         self.test_size = test_size
         self.num_classes = 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,32 +121,22 @@ class FER2013DataModule(ImageClassificationDataModule):
         self,
         data_dir: str | Path = "./data",
         batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
         val_size: int | float = 0.1,
-        seed: int = 0,
-        normalize: str = "none",
         augment: bool = False,
         max_rotation_deg: float = 10.0,
         zoom_range: tuple[float, float] = (0.9, 1.1),
-        balanced_sampler: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
             batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
             val_size=val_size,
-            seed=seed,
-            normalize=normalize,
             augment=(
                 TensorAugment(horizontal_flip=True, max_rotation_deg=max_rotation_deg, zoom_range=zoom_range)
                 if augment
                 else None
             ),
-            balanced_sampler=balanced_sampler,
+            **kwargs,
         )
         self.save_hyperparameters()
         self.num_classes = len(FER2013_CLASS_NAMES)

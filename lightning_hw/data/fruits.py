@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning_hw.data.base import (
     DataNotFoundError,
@@ -35,26 +36,18 @@ class FruitsDataModule(ImageClassificationDataModule):
         self,
         data_dir: str | Path = "./data",
         batch_size: int = 32,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
         val_size: int | float = 0.1,
-        seed: int = 0,
         class_names: Sequence[str] = FRUITS_DEFAULT_CLASSES,
         image_size: int = 32,
-        normalize: str = "none",
         augment: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
             batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
             val_size=val_size,
-            seed=seed,
-            normalize=normalize,
             augment=TensorAugment(horizontal_flip=True) if augment else None,
+            **kwargs,
         )
         if len(class_names) < 2:
             raise ValueError(f"class_names needs at least two classes, got {list(class_names)}")
