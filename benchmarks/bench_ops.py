@@ -5,7 +5,8 @@
     python benchmarks/bench_ops.py --only conv --markdown
 
 Prints medians of torch.utils.benchmark (forward, and forward+backward computing
-every gradient) and the ratio torch/ours: above 1 means ours is faster.
+every gradient), the best of several rounds that alternate torch and ours, and
+the ratio torch/ours: above 1 means ours is faster.
 """
 
 from __future__ import annotations
@@ -100,14 +101,18 @@ def median_ms(fn, inputs, threads, min_run_time, backward):
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def run(cases, make_fns, device, dtype, threads, min_run_time):
+def run(cases, make_fns, device, dtype, threads, min_run_time, rounds):
     rows = []
     for case in cases:
         ours, theirs, inputs = make_fns(case, device, dtype)
         row = {"case": case.name, "batch": case.batch}
         for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-            t_torch = median_ms(theirs, inputs, threads, min_run_time, backward)
-            t_ours = median_ms(ours, inputs, threads, min_run_time, backward)
+            # Rounds alternate torch and ours; the best median of each is kept,
+            # so a noisy moment (or torch's allocator warming up) hurts neither.
+            t_torch = t_ours = float("inf")
+            for _ in range(rounds):
+                t_torch = min(t_torch, median_ms(theirs, inputs, threads, min_run_time, backward))
+                t_ours = min(t_ours, median_ms(ours, inputs, threads, min_run_time, backward))
             flops = case.flops() * (3 if backward else 1)
             row[mode] = (t_torch, t_ours, t_torch / t_ours, flops / t_ours / 1e6)
         rows.append(row)
@@ -137,7 +142,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     parser.add_argument("--only", choices=["conv", "linear"], help="run one op's cases only")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best median counts")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in torch's CUDA kernels")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     args = parser.parse_args(argv)
@@ -150,14 +156,14 @@ def main(argv=None):
         where = f"{torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}"
     else:
         where = f"CPU, {args.threads} threads, capability {torch.backends.cpu.get_cpu_capability()}"
-    print(f"# torch {torch.__version__}, {where}, {args.dtype}, medians; x = torch time / our time")
+    print(f"# torch {torch.__version__}, {where}, {args.dtype}; best of {args.rounds} medians; x = torch time / our time")
     print(f"{HEADER[0]:<26}" + "".join(f"{h:>14}" for h in HEADER[1:-1]) + f"{'GFLOP/s':>14}")
 
     rows = []
     if args.only in (None, "conv"):
-        rows += run(CONV_CASES, conv_fns, args.device, dtype, args.threads, args.min_run_time)
+        rows += run(CONV_CASES, conv_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
     if args.only in (None, "linear"):
-        rows += run(LINEAR_CASES, linear_fns, args.device, dtype, args.threads, args.min_run_time)
+        rows += run(LINEAR_CASES, linear_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
     if args.markdown:
         print()
         print("| " + " | ".join(HEADER) + " |")
