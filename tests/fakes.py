@@ -1,4 +1,5 @@
-"""Writers of small fake data sets in the real on-disk formats, for tests.
+"""Writers of small fake data sets in the real on-disk formats, for tests (and a
+helper that reads a DataModule's loader back).
 
 Images are class-dependent (a per-class template plus noise), so models can
 learn them. Every writer is deterministic for a given seed and returns the
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 CIFAR10_LABEL_NAMES = [
@@ -191,3 +193,9 @@ def write_fruits(
                 suffix = "png" if index == per_class - 1 else "jpg"
                 Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(folder / f"{index}_100.{suffix}")
     return root
+
+
+def collect_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (x, y) batches of a DataLoader, concatenated."""
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import write_cifar10, write_cifar10_tarball, write_cifar_batch, write_tarball_with_members
+from fakes import collect_batches, write_cifar10, write_cifar10_tarball, write_cifar_batch, write_tarball_with_members
 
 from lightning_hw.data import CIFAR10DataModule, DataFormatError, DataNotFoundError
 from lightning_hw.data import cifar10 as cifar10_module
@@ -24,11 +24,6 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     write_cifar10(root, n_train_per_batch=N_PER_BATCH, n_test=25, seed=3)
     return root
-
-
-def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
 
 
 def test_attributes_available_before_setup(tmp_path):
@@ -51,7 +46,7 @@ def test_shapes_dtypes_ranges_and_split_sizes(cifar_root):
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
     assert y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9
     assert 0.0 <= x.min() and x.max() <= 1.0
-    test_x, test_y = collect(module.predict_dataloader())
+    test_x, test_y = collect_batches(module.predict_dataloader())
     assert test_x.shape == (25, 3, 32, 32)
 
 
@@ -60,7 +55,7 @@ def test_labels_and_pixels_match_the_batch_files(cifar_root):
         raw = pickle.load(file, encoding="bytes")
     module = make_module(cifar_root)
     module.setup("test")
-    x, y = collect(module.test_dataloader())
+    x, y = collect_batches(module.test_dataloader())
     assert y.tolist() == raw[b"labels"]
     # CHW row-major layout of the official files: 1024 red, then green, then blue values.
     expected = torch.from_numpy(raw[b"data"].reshape(-1, 3, 32, 32)).float() / 255
@@ -71,7 +66,7 @@ def test_split_is_seeded(cifar_root):
     def val_labels_and_pixels(seed):
         module = make_module(cifar_root, seed=seed)
         module.setup("fit")
-        return collect(module.val_dataloader())
+        return collect_batches(module.val_dataloader())
 
     x1, y1 = val_labels_and_pixels(0)
     x2, y2 = val_labels_and_pixels(0)
@@ -94,7 +89,7 @@ def test_val_size_too_large_is_refused(cifar_root):
 def test_per_channel_normalisation(cifar_root):
     module = make_module(cifar_root, normalize="per_channel", batch_size=1000)
     module.setup("fit")
-    x, _ = collect(module.train_dataloader())
+    x, _ = collect_batches(module.train_dataloader())
     channel_mean = x.mean(dim=(0, 2, 3))
     channel_std = x.std(dim=(0, 2, 3))
     torch.testing.assert_close(channel_mean, torch.zeros(3), atol=1e-4, rtol=0)
@@ -104,10 +99,10 @@ def test_per_channel_normalisation(cifar_root):
 def test_mean_image_normalisation_and_flatten(cifar_root):
     module = make_module(cifar_root, normalize="mean_image", flatten=True, batch_size=1000)
     module.setup(None)
-    x, _ = collect(module.train_dataloader())
+    x, _ = collect_batches(module.train_dataloader())
     assert x.shape == (90, 3072)
     torch.testing.assert_close(x.mean(0), torch.zeros(3072), atol=1e-5, rtol=0)
-    test_x, _ = collect(module.test_dataloader())
+    test_x, _ = collect_batches(module.test_dataloader())
     assert test_x.shape == (25, 3072)
 
 
@@ -117,7 +112,7 @@ def test_test_stage_alone_uses_train_statistics(cifar_root):
     fitted.setup("test")
     test_only = make_module(cifar_root, normalize="per_channel")
     test_only.setup("test")
-    torch.testing.assert_close(collect(test_only.test_dataloader())[0], collect(fitted.test_dataloader())[0])
+    torch.testing.assert_close(collect_batches(test_only.test_dataloader())[0], collect_batches(fitted.test_dataloader())[0])
 
 
 def test_augmentation_changes_train_but_not_val_or_test(cifar_root):
@@ -133,8 +128,8 @@ def test_augmentation_changes_train_but_not_val_or_test(cifar_root):
     assert not torch.equal(x_aug, x_plain)
     # Crops and flips only move pixels (padding adds zeros): values stay in [0, 1].
     assert x_aug.max() <= 1.0 and x_aug.min() >= 0.0
-    torch.testing.assert_close(collect(augmented.val_dataloader())[0], collect(plain.val_dataloader())[0])
-    torch.testing.assert_close(collect(augmented.test_dataloader())[0], collect(plain.test_dataloader())[0])
+    torch.testing.assert_close(collect_batches(augmented.val_dataloader())[0], collect_batches(plain.val_dataloader())[0])
+    torch.testing.assert_close(collect_batches(augmented.test_dataloader())[0], collect_batches(plain.test_dataloader())[0])
 
 
 def test_train_order_reproducible(cifar_root):
@@ -142,13 +137,13 @@ def test_train_order_reproducible(cifar_root):
     first.setup("fit")
     second = make_module(cifar_root)
     second.setup("fit")
-    assert torch.equal(collect(first.train_dataloader())[1], collect(second.train_dataloader())[1])
+    assert torch.equal(collect_batches(first.train_dataloader())[1], collect_batches(second.train_dataloader())[1])
 
 
 def test_workers_and_persistent_workers(cifar_root):
     module = make_module(cifar_root, num_workers=1)
     module.setup("fit")
-    x, y = collect(module.val_dataloader())
+    x, y = collect_batches(module.val_dataloader())
     assert x.shape == (10, 3, 32, 32) and y.shape == (10,)
     persistent = make_module(cifar_root, num_workers=1, persistent_workers=True)
     persistent.setup("fit")

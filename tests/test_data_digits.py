@@ -1,14 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from fakes import collect_batches
 
 from lightning_hw.data import DataFormatError, DigitsDataModule
 from lightning_hw.data import digits as digits_module
-
-
-def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
 
 
 def test_attributes_available_before_setup():
@@ -36,7 +32,7 @@ def test_default_split_shapes_and_ranges():
     assert sizes == (1258, 180, 359)
     x, y = next(iter(module.train_dataloader()))
     assert x.shape == (32, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
-    test_x, test_y = collect(module.test_dataloader())
+    test_x, test_y = collect_batches(module.test_dataloader())
     assert 0.0 <= test_x.min() and test_x.max() <= 1.0
     assert set(test_y.tolist()) == set(range(10))
 
@@ -56,7 +52,7 @@ def test_seeded_split_and_order():
     def test_labels(seed):
         module = DigitsDataModule(seed=seed)
         module.setup("test")
-        return collect(module.test_dataloader())[1]
+        return collect_batches(module.test_dataloader())[1]
 
     assert torch.equal(test_labels(0), test_labels(0))
     assert not torch.equal(test_labels(0), test_labels(1))
@@ -67,15 +63,15 @@ def test_train_epochs_shuffle_reproducibly():
     first.setup("fit")
     second.setup("fit")
     loader = first.train_dataloader()
-    epoch_1, epoch_2 = collect(loader)[1], collect(loader)[1]
+    epoch_1, epoch_2 = collect_batches(loader)[1], collect_batches(loader)[1]
     assert not torch.equal(epoch_1, epoch_2)
-    assert torch.equal(epoch_1, collect(second.train_dataloader())[1])
+    assert torch.equal(epoch_1, collect_batches(second.train_dataloader())[1])
 
 
 def test_normalisation():
     module = DigitsDataModule(normalize="per_channel", batch_size=2000)
     module.setup(None)
-    x, _ = collect(module.train_dataloader())
+    x, _ = collect_batches(module.train_dataloader())
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
     with pytest.raises(ValueError, match="normalize"):
         DigitsDataModule(normalize="zscore")

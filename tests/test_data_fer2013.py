@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import write_fer2013_csv, write_fer2013_folders
+from fakes import collect_batches, write_fer2013_csv, write_fer2013_folders
 
 from lightning_hw.data import DataFormatError, DataNotFoundError, FER2013DataModule
 
@@ -14,11 +14,6 @@ def make_module(root: Path, **kwargs) -> FER2013DataModule:
     options = dict(data_dir=root, batch_size=8, seed=0)
     options.update(kwargs)
     return FER2013DataModule(**options)
-
-
-def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +53,7 @@ def test_csv_pixels_and_labels_are_read_in_order(csv_root):
     private = [line.split(",") for line in lines if line.endswith("PrivateTest")]
     module = make_module(csv_root)
     module.setup("test")
-    x, y = collect(module.test_dataloader())
+    x, y = collect_batches(module.test_dataloader())
     assert y.tolist() == [int(row[0]) for row in private]
     first = np.array(private[0][1].split(), dtype=np.float32).reshape(1, 48, 48) / 255
     torch.testing.assert_close(x[0], torch.from_numpy(first))
@@ -85,7 +80,7 @@ def test_class_weights_and_balanced_sampler(tmp_path):
     torch.testing.assert_close(weights, counts.sum() / (7 * counts))
     assert weights[1] == weights.max()  # rarest class weighs most
     loader = module.train_dataloader()
-    epochs = [collect(loader)[1] for _ in range(20)]
+    epochs = [collect_batches(loader)[1] for _ in range(20)]
     assert not torch.equal(epochs[0], epochs[1])  # each epoch draws afresh
     sampled = torch.cat(epochs)
     assert len(sampled) == 20 * 50
@@ -100,14 +95,14 @@ def test_balanced_sampler_is_seeded(tmp_path):
     for _ in range(2):
         module = make_module(tmp_path, balanced_sampler=True)
         module.setup("fit")
-        orders.append(collect(module.train_dataloader())[1])
+        orders.append(collect_batches(module.train_dataloader())[1])
     assert torch.equal(orders[0], orders[1])
 
 
 def test_normalisation_mean_zero(csv_root):
     module = make_module(csv_root, normalize="per_channel", batch_size=100)
     module.setup("fit")
-    x, _ = collect(module.train_dataloader())
+    x, _ = collect_batches(module.train_dataloader())
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 0.05
 
 
@@ -123,8 +118,8 @@ def test_augmentation_changes_train_only(csv_root):
     assert not torch.allclose(x_aug, x_plain)
     # Small rotations/zooms keep most of the picture: close to the original on average.
     assert (x_aug - x_plain).abs().mean() < 0.2
-    torch.testing.assert_close(collect(augmented.val_dataloader())[0], collect(plain.val_dataloader())[0])
-    torch.testing.assert_close(collect(augmented.test_dataloader())[0], collect(plain.test_dataloader())[0])
+    torch.testing.assert_close(collect_batches(augmented.val_dataloader())[0], collect_batches(plain.val_dataloader())[0])
+    torch.testing.assert_close(collect_batches(augmented.test_dataloader())[0], collect_batches(plain.test_dataloader())[0])
 
 
 def test_folder_layout(folder_root):
@@ -133,7 +128,7 @@ def test_folder_layout(folder_root):
     module.setup(None)
     assert (len(module.train_dataset), len(module.val_dataset), len(module.test_dataset)) == (35, 7, 21)
     assert module.class_counts()["test"] == [3] * 7
-    x, y = collect(module.test_dataloader())
+    x, y = collect_batches(module.test_dataloader())
     assert x.shape == (21, 1, 48, 48)
     # Folder i holds class i (sorted class order, not folder listing order).
     assert y.tolist() == [label for label in range(7) for _ in range(3)]
@@ -143,7 +138,7 @@ def test_folder_layout_split_is_seeded(folder_root):
     def val_labels(seed):
         module = make_module(folder_root, val_size=0.3, seed=seed)
         module.setup("fit")
-        return collect(module.val_dataloader())[0]
+        return collect_batches(module.val_dataloader())[0]
 
     assert torch.equal(val_labels(4), val_labels(4))
     assert not torch.equal(val_labels(4), val_labels(5))

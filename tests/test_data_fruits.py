@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import write_fruits
+from fakes import collect_batches, write_fruits
 from PIL import Image
 
 from lightning_hw.data import DataFormatError, DataNotFoundError, FruitsDataModule
@@ -13,11 +13,6 @@ def make_module(root: Path, **kwargs) -> FruitsDataModule:
     options = dict(data_dir=root, batch_size=8, val_size=6, seed=0)
     options.update(kwargs)
     return FruitsDataModule(**options)
-
-
-def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*loader)
-    return torch.cat(xs), torch.cat(ys)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def test_splits_shapes_and_labels(fruits_root):
     x, y = next(iter(module.train_dataloader()))
     assert x.shape == (8, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert 0.0 <= x.min() and x.max() <= 1.0
-    test_x, test_y = collect(module.test_dataloader())
+    test_x, test_y = collect_batches(module.test_dataloader())
     assert test_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert module.class_counts()["test"] == [4, 4, 4]
 
@@ -54,7 +49,7 @@ def test_splits_shapes_and_labels(fruits_root):
 def test_grayscale_resize_matches_pillow(fruits_root):
     module = make_module(fruits_root)
     module.setup("test")
-    x, _ = collect(module.test_dataloader())
+    x, _ = collect_batches(module.test_dataloader())
     with Image.open(fruits_root / "Test" / "Carambula" / "0_100.jpg") as image:
         expected = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32) / 255
     torch.testing.assert_close(x[0, 0], torch.from_numpy(expected))
@@ -64,7 +59,7 @@ def test_classes_are_distinguishable(fruits_root):
     # The fakes are class-dependent: class means differ clearly.
     module = make_module(fruits_root)
     module.setup("test")
-    x, y = collect(module.test_dataloader())
+    x, y = collect_batches(module.test_dataloader())
     means = torch.stack([x[y == label].mean() for label in range(3)])
     assert means[0] < means[1] < means[2]
 
@@ -72,7 +67,7 @@ def test_classes_are_distinguishable(fruits_root):
 def test_custom_classes_and_image_size(fruits_root):
     module = make_module(fruits_root, class_names=["Pear", "Apple Braeburn"], image_size=16, val_size=0.2)
     module.setup(None)
-    x, y = collect(module.test_dataloader())
+    x, y = collect_batches(module.test_dataloader())
     assert x.shape == (6, 1, 16, 16)
     assert y.tolist() == [0] * 4 + [1] * 2
     assert len(module.train_dataset) + len(module.val_dataset) == 13
@@ -82,7 +77,7 @@ def test_split_is_seeded(fruits_root):
     def val_images(seed):
         module = make_module(fruits_root, seed=seed)
         module.setup("fit")
-        return collect(module.val_dataloader())[0]
+        return collect_batches(module.val_dataloader())[0]
 
     assert torch.equal(val_images(2), val_images(2))
     assert not torch.equal(val_images(2), val_images(3))
@@ -102,7 +97,7 @@ def test_normalisation_and_augmentation(fruits_root):
     same = (x_aug == x_plain).flatten(1).all(1)
     mirrored = (x_aug == x_plain.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all())
-    torch.testing.assert_close(collect(module.val_dataloader())[0], collect(plain.val_dataloader())[0])
+    torch.testing.assert_close(collect_batches(module.val_dataloader())[0], collect_batches(plain.val_dataloader())[0])
 
 
 def test_missing_training_folder(tmp_path):
