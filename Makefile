@@ -11,16 +11,13 @@ STAMPS := $(VENV)/.stamps
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k conv2d -x"
 PYTEST_ARGS ?=
 
-.PHONY: fit test test-slow bench bench-train install clean
+.PHONY: fit test bench install clean
 
 fit: install
 	$(PY) -m lightning_hw fit
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
-
-test-slow: install
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_ops.py
