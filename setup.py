@@ -98,7 +98,7 @@ def _extensions():
     # -fopenmp at compile and link: without it at::parallel_for runs on one thread.
     cxx_flags = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     extra_link_args = ["-fopenmp"]
-    include_dirs = [str(CSRC)]  # absolute include dirs are fine
+    include_dirs = [str(CSRC)]
 
     print("lightning_hw build configuration:")
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda})")

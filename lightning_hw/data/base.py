@@ -368,6 +368,13 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         """Return (test_images, test_labels), images uint8 (N, C, H, W)."""
         raise NotImplementedError
 
+    def _hold_out_val(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Split one labelled pool into (train, val), val a seeded `val_size` part of it."""
+        train_index, val_index = seeded_split(len(labels), [self.val_size], self.seed)
+        return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
+
     # -- Lightning hooks ----------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:

@@ -21,7 +21,6 @@ from lightning_hw.data.base import (
     DataNotFoundError,
     ImageClassificationDataModule,
     TensorAugment,
-    seeded_split,
 )
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -256,8 +255,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         batches = [load_cifar_batch(self.batches_dir / name) for name in CIFAR10_TRAIN_BATCHES]
         images = torch.from_numpy(np.concatenate([b[0] for b in batches]))
         labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
-        train_index, val_index = seeded_split(len(labels), [self.val_size], self.seed)
-        return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
+        return self._hold_out_val(images, labels)
 
     def _load_test_split(self):
         self._check_present()

@@ -16,7 +16,6 @@ from lightning_hw.data.base import (
     TensorAugment,
     find_child_dir,
     read_class_folders,
-    seeded_split,
 )
 
 FER2013_CLASS_NAMES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
@@ -176,8 +175,7 @@ class FER2013DataModule(ImageClassificationDataModule):
         if self.csv_path.is_file():
             return self._split_from_csv("train"), self._split_from_csv("val")
         images, labels = self._split_from_folders("train")
-        train_index, val_index = seeded_split(len(labels), [self.val_size], self.seed)
-        return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
+        return self._hold_out_val(images, labels)
 
     def _load_test_split(self):
         if self.csv_path.is_file():

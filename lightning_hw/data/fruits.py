@@ -12,7 +12,6 @@ from lightning_hw.data.base import (
     TensorAugment,
     find_child_dir,
     read_class_folders,
-    seeded_split,
 )
 
 FRUITS_DEFAULT_CLASSES = ("Carambula", "Lychee", "Pear")
@@ -74,8 +73,7 @@ class FruitsDataModule(ImageClassificationDataModule):
 
     def _load_fit_splits(self):
         images, labels = self._read_split("Training")
-        train_index, val_index = seeded_split(len(labels), [self.val_size], self.seed)
-        return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
+        return self._hold_out_val(images, labels)
 
     def _load_test_split(self):
         return self._read_split("Test")
