@@ -1,0 +1,5 @@
+"""Lightning callbacks: PNG plots of a run (curves, confusion matrices, first-layer weights)."""
+
+from lightning_hw.callbacks.plots import TrainingPlots
+
+__all__ = ["TrainingPlots"]
