@@ -1,0 +1,173 @@
+"""`python -m lightning_hw fit|validate|test|predict`: LightningCLI over the
+reports' models and DataModules.
+
+- Any `ImageClassifier` subclass is `--model`, any `ImageClassificationDataModule`
+  subclass is `--data`; the DataModule's num_classes, input_shape and class
+  names are passed to the model.
+- Without `--config`, configs/default.yaml is used: the digits CNN, offline.
+- Checkpoints (best by val_acc, and last; `--checkpoint.*`), the plots callback
+  (`--plots.*`), CSV logs and TensorBoard logs when tensorboard is installed.
+- `fit` ends with `test` on the best checkpoint and one summary line; `predict`
+  writes predictions.csv into the run directory. Checkpoints load with
+  weights_only=True.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+import lightning_hw
+from lightning_hw.callbacks import TrainingPlots
+from lightning_hw.data import ImageClassificationDataModule
+from lightning_hw.models import ImageClassifier
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LOG_NAME = "lightning_logs"
+
+
+class LightningHWCLI(LightningCLI):
+    """LightningCLI with the project's callbacks, links, loggers and end-of-run reports."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val_acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}-{val_acc:.4f}",
+            }
+        )
+        parser.add_lightning_class_args(TrainingPlots, "plots")
+        for attribute in ("num_classes", "input_shape", "class_names"):
+            parser.link_arguments(f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        logger = self._get(self.config_init, "trainer", default={}).get("logger")
+        if logger is None or logger is True:
+            kwargs["logger"] = default_loggers(self._get(self.config_init, "trainer").get("default_root_dir"))
+        return super().instantiate_trainer(**kwargs)
+
+    # The subcommands: LightningCLI calls these instead of the Trainer's methods.
+
+    def fit(self, model: ImageClassifier, **kwargs: Any) -> None:
+        kwargs["weights_only"] = True
+        self.trainer.fit(model, **kwargs)
+        if self.trainer.interrupted:
+            return
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        results = self.trainer.test(
+            model, datamodule=kwargs.get("datamodule"), ckpt_path=best or None, weights_only=True, verbose=False
+        )
+        self._print_summary("test", results, checkpoint=best or self._last_checkpoint())
+
+    def validate(self, model: ImageClassifier, **kwargs: Any) -> None:
+        results = self.trainer.validate(model, **{**kwargs, "weights_only": True})
+        self._print_summary("val", results, checkpoint=kwargs.get("ckpt_path"))
+
+    def test(self, model: ImageClassifier, **kwargs: Any) -> None:
+        results = self.trainer.test(model, **{**kwargs, "weights_only": True})
+        self._print_summary("test", results, checkpoint=kwargs.get("ckpt_path"))
+
+    def predict(self, model: ImageClassifier, **kwargs: Any) -> None:
+        kwargs.update(weights_only=True, return_predictions=True)
+        batches = self.trainer.predict(model, **kwargs)
+        if self.trainer.is_global_zero and batches:
+            path = write_predictions(Path(run_directory(self.trainer)), torch.cat(batches), model.class_names)
+            print(f"predictions: {len(torch.cat(batches))} written to {path}")
+
+    def _last_checkpoint(self) -> str:
+        callback = self.trainer.checkpoint_callback
+        return getattr(callback, "last_model_path", "") or ""
+
+    @rank_zero_only
+    def _print_summary(self, stage: str, results: list, checkpoint: str | None) -> None:
+        if not results or f"{stage}_acc" not in results[0]:
+            return
+        name = "test" if stage == "test" else "validation"
+        parts = [f"{name} accuracy: {100.0 * results[0][f'{stage}_acc']:.2f}%"]
+        if checkpoint:
+            parts.append(f"checkpoint: {checkpoint}")
+        parts.append(f"logs: {run_directory(self.trainer)}")
+        plots = next((c for c in self.trainer.callbacks if isinstance(c, TrainingPlots)), None)
+        if plots is not None and plots.written:
+            parts.append(f"plots: {plots.written[0].parent}")
+        print(" | ".join(parts))
+
+
+def default_loggers(root_dir: str | None) -> list:
+    """CSV logs, plus TensorBoard (same version folder) when tensorboard is installed."""
+    save_dir = root_dir or "."
+    csv_logger = CSVLogger(save_dir, name=LOG_NAME)
+    loggers: list = [csv_logger]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(save_dir, name=LOG_NAME, version=csv_logger.version, default_hp_metric=False))
+    return loggers
+
+
+def run_directory(trainer: Trainer) -> str:
+    """Where this run's logs, plots and predictions go."""
+    return trainer.log_dir or trainer.default_root_dir
+
+
+def write_predictions(run_dir: Path, predicted: torch.Tensor, class_names: list[str]) -> Path:
+    """Write `index,class_index,class_name` rows for the predicted classes; return the file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "predictions.csv"
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["index", "class_index", "class_name"])
+        for index, label in enumerate(predicted.tolist()):
+            writer.writerow([index, label, class_names[label]])
+    return path
+
+
+def _with_default_config(args: list[str]) -> list[str]:
+    """Add `--config configs/default.yaml` to a trainer subcommand given no config."""
+    if not args or args[0] not in TRAINER_SUBCOMMANDS:
+        return args
+    if any(arg == "--config" or arg.startswith("--config=") or arg in ("-h", "--help") for arg in args):
+        return args
+    if not DEFAULT_CONFIG.is_file():
+        raise SystemExit(f"default config {DEFAULT_CONFIG} not found: pass --config FILE.yaml")
+    return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+
+
+def version_text() -> str:
+    kernels = "CPU and CUDA" if lightning_hw.has_cuda_kernels() else "CPU"
+    return f"lightning_hw {lightning_hw.__version__} (torch {torch.__version__}; {kernels} kernels)"
+
+
+def main(args: ArgsType = None) -> LightningHWCLI | None:
+    """Entry point of `python -m lightning_hw`; `args` as on the command line (default: sys.argv[1:])."""
+    from_command_line = args is None
+    args = _with_default_config(list(sys.argv[1:] if from_command_line else args))
+    if args == ["--version"]:
+        print(version_text())
+        return None
+    if from_command_line:
+        # LightningCLI reads sys.argv itself (and warns when given both).
+        sys.argv[1:] = args
+    return LightningHWCLI(
+        ImageClassifier,
+        ImageClassificationDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        args=None if from_command_line else args,
+    )

@@ -1,0 +1,133 @@
+"""`python -m lightning_hw`: every config on generated data, the default run,
+and validate/test/predict from a saved checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fakes import write_cifar10, write_fer2013_csv, write_fruits
+from lightning_hw.cli import CONFIG_DIR, DEFAULT_CONFIG, main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Generated data for each config's DataModule, and the overrides that fit it.
+CONFIG_DATA = {
+    "cifar10_twolayer_first.yaml": (lambda root: write_cifar10(root).parent, ["--data.val_size=10"]),
+    "cifar10_twolayer.yaml": (lambda root: write_cifar10(root).parent, ["--data.val_size=10"]),
+    "fruits_cnn.yaml": (lambda root: write_fruits(root, size=32), []),
+    "fer2013_cnn.yaml": (lambda root: write_fer2013_csv(root).parent, ["--data.batch_size=8"]),
+    "fer2013_cnn_small.yaml": (lambda root: write_fer2013_csv(root).parent, []),
+}
+
+
+def test_every_config_is_covered():
+    configs = {path.name for path in CONFIG_DIR.glob("*.yaml")}
+    assert configs == set(CONFIG_DATA) | {DEFAULT_CONFIG.name}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG_DATA))
+def test_each_config_fits_on_generated_data(config, tmp_path, capsys):
+    write_data, overrides = CONFIG_DATA[config]
+    data_dir = write_data(tmp_path / "data")
+    main(["fit", "--config", str(CONFIG_DIR / config), f"--data.data_dir={data_dir}",
+          f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=true",
+          "--trainer.enable_progress_bar=false", *overrides])  # fmt: skip
+    assert "test accuracy: " in capsys.readouterr().out
+
+
+def _summary(output: str) -> dict[str, str]:
+    line = next(line for line in output.splitlines() if line.startswith(("test accuracy", "validation accuracy")))
+    return dict(part.split(": ", 1) for part in line.split(" | "))
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """A short default `fit` (no config given): bundled digits, two epochs of a few batches."""
+    root = tmp_path_factory.mktemp("default_run")
+    args = ["fit", f"--trainer.default_root_dir={root}", "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=5", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    import contextlib
+    import io
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        main(args)
+    return root, _summary(output.getvalue())
+
+
+def test_default_fit_trains_tests_and_reports(default_run):
+    root, summary = default_run
+    accuracy = float(summary["test accuracy"].rstrip("%"))
+    assert 10.0 < accuracy <= 100.0  # ten batches already beat chance on digits
+    checkpoint = Path(summary["checkpoint"])
+    assert checkpoint.is_file() and checkpoint.name.startswith("best-")
+    run_dir = Path(summary["logs"])
+    assert run_dir.is_relative_to(root)
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / "config.yaml").is_file()
+    assert (checkpoint.parent / "last.ckpt").is_file()
+    plots = Path(summary["plots"])
+    for name in ("loss.png", "accuracy.png", "confusion_matrix_val.png", "confusion_matrix_test.png",
+                 "first_layer_weights.png"):  # fmt: skip
+        assert (plots / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    checkpoint_data = torch.load(checkpoint, weights_only=True)
+    assert checkpoint_data["hyper_parameters"]["_class_path"] == "lightning_hw.models.FruitCNN"
+
+
+@pytest.mark.parametrize("subcommand, label", [("validate", "validation accuracy"), ("test", "test accuracy")])
+def test_validate_and_test_from_checkpoint(default_run, subcommand, label, tmp_path, capsys):
+    root, summary = default_run
+    main([subcommand, f"--ckpt_path={summary['checkpoint']}", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    reported = _summary(capsys.readouterr().out)
+    if subcommand == "test":
+        assert reported[label] == summary["test accuracy"]  # the same weights give the same accuracy
+    assert 0.0 < float(reported[label].rstrip("%")) <= 100.0
+
+
+def test_predict_from_checkpoint_writes_class_predictions(default_run, tmp_path, capsys):
+    _, summary = default_run
+    main(["predict", f"--ckpt_path={summary['checkpoint']}", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("predictions:"))
+    path = Path(line.rsplit(" written to ", 1)[1])
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == 359  # the digits test split: round(0.2 * 1,797)
+    assert all(row["class_name"] == row["class_index"] for row in rows)  # digit classes are named "0".."9"
+    assert len({row["class_index"] for row in rows}) > 1
+
+
+def test_print_config_and_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIG_DIR / "fruits_cnn.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "lightning_hw.models.FruitCNN" in printed and "6728" not in printed
+    assert "num_classes" in printed or "class_path" in printed
+    main(["--version"])
+    assert capsys.readouterr().out.startswith("lightning_hw ")
+
+
+def test_bad_option_is_an_error_not_a_crash(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.init_args.hidden_sizes=not-a-list", "--trainer.fast_dev_run=true"])
+    assert exit_info.value.code != 0
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    """The module entry point, in a real subprocess, offline, on the bundled digits."""
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_hw", "fit", "--trainer.fast_dev_run=true",
+         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy: " in result.stdout
