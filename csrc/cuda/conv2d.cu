@@ -123,8 +123,12 @@ constexpr int64_t kConvSharedBytes = 48 * 1024;  // the default limit, no opt-in
 // Each thread owns kPixels output pixels (strided by the pixel-thread count, so
 // a warp reads consecutive shared-memory words) times kChannels consecutive
 // output channels (the same for the whole warp: weight reads are broadcasts).
-template <int kChannels_, int kPixels_, int kChannelThreads_>
+// kMinBlocks: resident blocks per SM asked of the compiler (2 caps a thread at
+// 128 registers, so that one block's tile loads overlap another's arithmetic;
+// the widest tile would spill under that cap).
+template <int kChannels_, int kPixels_, int kChannelThreads_, int kMinBlocks_>
 struct TileConfig {
+  static constexpr int kMinBlocks = kMinBlocks_;
   static constexpr int kChannels = kChannels_;
   static constexpr int kPixels = kPixels_;
   static constexpr int kChannelThreads = kChannelThreads_;
@@ -137,10 +141,10 @@ struct TileConfig {
 };
 
 // By output channels per group: depthwise, first layers, mid-size, wide layers.
-using TileOne = TileConfig<1, 1, 1>;     // 1 channel x 256 pixels
-using TileSmall = TileConfig<4, 2, 2>;   // 8 channels x 256 pixels
-using TileMid = TileConfig<8, 4, 4>;     // 32 channels x 256 pixels
-using TileWide = TileConfig<8, 8, 8>;    // 64 channels x 256 pixels
+using TileOne = TileConfig<1, 1, 1, 2>;     // 1 channel x 256 pixels
+using TileSmall = TileConfig<4, 2, 2, 2>;   // 8 channels x 256 pixels
+using TileMid = TileConfig<8, 4, 4, 2>;     // 32 channels x 256 pixels
+using TileWide = TileConfig<8, 8, 8, 1>;    // 64 channels x 256 pixels
 
 struct TileLayout {
   int64_t tiles_h, tiles_w, channel_tiles, blocks;
@@ -150,7 +154,7 @@ struct TileLayout {
 };
 
 template <typename Config, typename scalar_t>
-__global__ void __launch_bounds__(kConvThreads)
+__global__ void __launch_bounds__(kConvThreads, Config::kMinBlocks)
     conv_tiled_kernel(const DirectConv<scalar_t> p, const TileLayout t) {
   constexpr int C = Config::kChannels, P = Config::kPixels;
   extern __shared__ float4 shared_words[];  // float4: 16-byte aligned
