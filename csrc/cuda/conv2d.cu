@@ -50,11 +50,20 @@ namespace lightning_hw {
 namespace cuda {
 namespace {
 
+// Element strides of a 4-D (N, C, H, W) tensor.
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
 // One direct convolution, forward or input gradient (see the top of the file).
 template <typename scalar_t>
 struct DirectConv {
   const scalar_t* src;
-  int64_t src_stride_n, src_stride_c, src_stride_h, src_stride_w;
+  Strides4 src_stride;
   int64_t src_h, src_w;
   // Weight of (group 0, out 0, reduce 0, tap (0, 0)); taps may have negative strides.
   const scalar_t* weight;
@@ -94,7 +103,7 @@ __global__ void conv_per_output_kernel(const DirectConv<scalar_t> p) {
     const int64_t channel = rest % out_channels;
     const int64_t n = rest / out_channels;
     const int64_t g = channel / p.out_per_group, o = channel % p.out_per_group;
-    const scalar_t* src = p.src + n * p.src_stride_n + g * p.reduce_per_group * p.src_stride_c;
+    const scalar_t* src = p.src + n * p.src_stride.n + g * p.reduce_per_group * p.src_stride.c;
     const scalar_t* w = p.weight + g * p.w_stride_group + o * p.w_stride_out;
     acc_t acc = 0;
     for (int64_t i = 0; i < p.kernel_h; ++i) {
@@ -103,10 +112,10 @@ __global__ void conv_per_output_kernel(const DirectConv<scalar_t> p) {
       for (int64_t j = 0; j < p.kernel_w; ++j) {
         int64_t sx;
         if (!source_index(x * p.stride_w + j * p.dilation_w - p.offset_w, p.step_w, p.src_w, sx)) continue;
-        const scalar_t* s = src + sy * p.src_stride_h + sx * p.src_stride_w;
+        const scalar_t* s = src + sy * p.src_stride.h + sx * p.src_stride.w;
         const scalar_t* wt = w + i * p.w_stride_tap_h + j * p.w_stride_tap_w;
         for (int64_t r = 0; r < p.reduce_per_group; ++r)
-          acc += static_cast<acc_t>(s[r * p.src_stride_c]) * static_cast<acc_t>(wt[r * p.w_stride_reduce]);
+          acc += static_cast<acc_t>(s[r * p.src_stride.c]) * static_cast<acc_t>(wt[r * p.w_stride_reduce]);
       }
     }
     if (p.bias != nullptr) acc += static_cast<acc_t>(p.bias[channel]);
@@ -191,7 +200,7 @@ __global__ void __launch_bounds__(kConvThreads, Config::kMinBlocks)
     const int64_t y0 = tile_y * Config::kTileH, x0 = tile_x * kTileW;
     const int64_t o0 = channel_tile * Config::kTileChannels;
     const int64_t vy0 = y0 * p.stride_h - p.offset_h, vx0 = x0 * p.stride_w - p.offset_w;
-    const scalar_t* src = p.src + n * p.src_stride_n + g * p.reduce_per_group * p.src_stride_c;
+    const scalar_t* src = p.src + n * p.src_stride.n + g * p.reduce_per_group * p.src_stride.c;
     const scalar_t* weight = p.weight + g * p.w_stride_group;
 
     float acc[P][C];
@@ -210,7 +219,7 @@ __global__ void __launch_bounds__(kConvThreads, Config::kMinBlocks)
         int64_t sy, sx;
         float v = 0.f;
         if (source_index(vy0 + row, p.step_h, p.src_h, sy) && source_index(vx0 + col, p.step_w, p.src_w, sx))
-          v = static_cast<float>(src[(r0 + r) * p.src_stride_c + sy * p.src_stride_h + sx * p.src_stride_w]);
+          v = static_cast<float>(src[(r0 + r) * p.src_stride.c + sy * p.src_stride.h + sx * p.src_stride.w]);
         in_s[e] = v;
       }
       // w_s[(r * taps + tap) * kTileChannels + channel]; read with the tap fastest
@@ -340,9 +349,10 @@ void run_direct_conv(const DirectConv<scalar_t>& p) {
 template <typename scalar_t>
 struct WeightGrad {
   const scalar_t* input;
-  int64_t in_stride_n, in_stride_c, in_stride_h, in_stride_w, in_h, in_w;
+  Strides4 in_stride;
+  int64_t in_h, in_w;
   const scalar_t* grad;
-  int64_t grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w;
+  Strides4 grad_stride;
   int64_t out_h, out_w, pixels;  // pixels = batch * out_h * out_w
   int64_t groups, out_per_group, in_per_group, kernel_h, kernel_w;
   int64_t stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left;
@@ -368,8 +378,8 @@ __device__ __forceinline__ at::opmath_type<scalar_t> patch_value(
   const int64_t iy = y * p.stride_h - p.pad_top + (tap / p.kernel_w) * p.dilation_h;
   const int64_t ix = x * p.stride_w - p.pad_left + (tap % p.kernel_w) * p.dilation_w;
   if (iy < 0 || iy >= p.in_h || ix < 0 || ix >= p.in_w) return acc_t(0);
-  return static_cast<acc_t>(p.input[n * p.in_stride_n + (g * p.in_per_group + r) * p.in_stride_c +
-                                    iy * p.in_stride_h + ix * p.in_stride_w]);
+  return static_cast<acc_t>(p.input[n * p.in_stride.n + (g * p.in_per_group + r) * p.in_stride.c +
+                                    iy * p.in_stride.h + ix * p.in_stride.w]);
 }
 
 // One thread per (split, output channel, row): float64 and the forced path.
@@ -390,7 +400,7 @@ __global__ void weight_grad_per_output_kernel(const WeightGrad<scalar_t> p) {
     for (int64_t l = p.pixels * split / p.splits; l < p.pixels * (split + 1) / p.splits; ++l) {
       const int64_t n = l / image, y = (l % image) / p.out_w, x = l % p.out_w;
       const acc_t go = static_cast<acc_t>(
-          p.grad[n * p.grad_stride_n + channel * p.grad_stride_c + y * p.grad_stride_h + x * p.grad_stride_w]);
+          p.grad[n * p.grad_stride.n + channel * p.grad_stride.c + y * p.grad_stride.h + x * p.grad_stride.w]);
       acc += go * patch_value(p, row, n, g, y, x);
     }
     p.partial[split * p.split_stride + partial_index(p, channel, row)] = acc;
@@ -436,7 +446,7 @@ __global__ void __launch_bounds__(kWgradThreads)
     for (int rr = tid; rr < kRows; rr += kWgradThreads) {
       const int64_t row = row0 + rr;
       if (row < p.weight_rows) {
-        row_channel[rr] = (g * p.in_per_group + row / taps) * p.in_stride_c;
+        row_channel[rr] = (g * p.in_per_group + row / taps) * p.in_stride.c;
         row_dy[rr] = ((row % taps) / p.kernel_w) * p.dilation_h;
         row_dx[rr] = (row % p.kernel_w) * p.dilation_w;
       } else {
@@ -458,8 +468,8 @@ __global__ void __launch_bounds__(kWgradThreads)
         const int64_t n = valid ? l / image : 0, pos = valid ? l % image : 0;
         const int64_t y = pos / p.out_w, x = pos % p.out_w;
         pixel_valid[tid] = valid;
-        pixel_grad[tid] = n * p.grad_stride_n + y * p.grad_stride_h + x * p.grad_stride_w;
-        pixel_image[tid] = n * p.in_stride_n;
+        pixel_grad[tid] = n * p.grad_stride.n + y * p.grad_stride.h + x * p.grad_stride.w;
+        pixel_image[tid] = n * p.in_stride.n;
         pixel_iy[tid] = y * p.stride_h - p.pad_top;
         pixel_ix[tid] = x * p.stride_w - p.pad_left;
       }
@@ -469,7 +479,7 @@ __global__ void __launch_bounds__(kWgradThreads)
         const int64_t o = o0 + c;
         float v = 0.f;
         if (pixel_valid[px] && o < p.out_per_group)
-          v = static_cast<float>(p.grad[pixel_grad[px] + (g * p.out_per_group + o) * p.grad_stride_c]);
+          v = static_cast<float>(p.grad[pixel_grad[px] + (g * p.out_per_group + o) * p.grad_stride.c]);
         grad_s[px][c] = v;
       }
       for (int e = tid; e < kWgradPixels * kRows; e += kWgradThreads) {
@@ -482,7 +492,7 @@ __global__ void __launch_bounds__(kWgradThreads)
             const int64_t iy = pixel_iy[px] + row_dy[rr], ix = pixel_ix[px] + row_dx[rr];
             if (iy >= 0 && iy < p.in_h && ix >= 0 && ix < p.in_w)
               v = static_cast<float>(
-                  p.input[pixel_image[px] + row_channel[rr] + iy * p.in_stride_h + ix * p.in_stride_w]);
+                  p.input[pixel_image[px] + row_channel[rr] + iy * p.in_stride.h + ix * p.in_stride.w]);
           }
         }
         patch_s[px][rr] = v;
@@ -548,17 +558,11 @@ void weight_and_bias_grad(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   WeightGrad<scalar_t> p;
   p.input = input4.const_data_ptr<scalar_t>();
-  p.in_stride_n = input4.stride(0);
-  p.in_stride_c = input4.stride(1);
-  p.in_stride_h = input4.stride(2);
-  p.in_stride_w = input4.stride(3);
+  p.in_stride = strides_of(input4);
   p.in_h = s.in_h;
   p.in_w = s.in_w;
   p.grad = grad4.const_data_ptr<scalar_t>();
-  p.grad_stride_n = grad4.stride(0);
-  p.grad_stride_c = grad4.stride(1);
-  p.grad_stride_h = grad4.stride(2);
-  p.grad_stride_w = grad4.stride(3);
+  p.grad_stride = strides_of(grad4);
   p.out_h = s.out_h;
   p.out_w = s.out_w;
   p.pixels = s.batch * s.out_h * s.out_w;
@@ -618,38 +622,45 @@ void check_sizes(const char* op, const Conv2dShape& s) {
       s.kernel_h, ", ", s.kernel_w, ")");
 }
 
+// The fields the forward and the input gradient fill alike: source `src4` and
+// result `out4` (both 4-D), the weight's base and group stride, the kernel.
+template <typename scalar_t>
+DirectConv<scalar_t> direct_conv_over(
+    const at::Tensor& src4, const at::Tensor& weight, const Conv2dShape& s, at::Tensor& out4) {
+  DirectConv<scalar_t> p;
+  p.src = src4.const_data_ptr<scalar_t>();
+  p.src_stride = strides_of(src4);
+  p.src_h = src4.size(2);
+  p.src_w = src4.size(3);
+  p.weight = weight.const_data_ptr<scalar_t>();
+  p.w_stride_group = s.out_channels_per_group() * weight.stride(0);
+  p.bias = nullptr;
+  p.out = out4.mutable_data_ptr<scalar_t>();
+  p.batch = s.batch;
+  p.out_h = out4.size(2);
+  p.out_w = out4.size(3);
+  p.groups = s.groups;
+  p.kernel_h = s.kernel_h;
+  p.kernel_w = s.kernel_w;
+  p.dilation_h = s.dilation_h;
+  p.dilation_w = s.dilation_w;
+  return p;
+}
+
 template <typename scalar_t>
 DirectConv<scalar_t> forward_conv(
     const at::Tensor& input4, const at::Tensor& weight, const scalar_t* bias, const Conv2dShape& s,
     at::Tensor& out4) {
-  DirectConv<scalar_t> p;
-  p.src = input4.const_data_ptr<scalar_t>();
-  p.src_stride_n = input4.stride(0);
-  p.src_stride_c = input4.stride(1);
-  p.src_stride_h = input4.stride(2);
-  p.src_stride_w = input4.stride(3);
-  p.src_h = s.in_h;
-  p.src_w = s.in_w;
-  p.weight = weight.const_data_ptr<scalar_t>();
-  p.w_stride_group = s.out_channels_per_group() * weight.stride(0);
+  DirectConv<scalar_t> p = direct_conv_over<scalar_t>(input4, weight, s, out4);
   p.w_stride_out = weight.stride(0);
   p.w_stride_reduce = weight.stride(1);
   p.w_stride_tap_h = weight.stride(2);
   p.w_stride_tap_w = weight.stride(3);
   p.bias = bias;
-  p.out = out4.mutable_data_ptr<scalar_t>();
-  p.batch = s.batch;
-  p.out_h = s.out_h;
-  p.out_w = s.out_w;
-  p.groups = s.groups;
   p.out_per_group = s.out_channels_per_group();
   p.reduce_per_group = s.in_channels_per_group();
-  p.kernel_h = s.kernel_h;
-  p.kernel_w = s.kernel_w;
   p.stride_h = s.stride_h;
   p.stride_w = s.stride_w;
-  p.dilation_h = s.dilation_h;
-  p.dilation_w = s.dilation_w;
   p.step_h = p.step_w = 1;
   p.offset_h = s.pad_top;
   p.offset_w = s.pad_left;
@@ -661,34 +672,15 @@ DirectConv<scalar_t> forward_conv(
 template <typename scalar_t>
 DirectConv<scalar_t> input_grad_conv(
     const at::Tensor& grad4, const at::Tensor& weight, const Conv2dShape& s, at::Tensor& grad_input4) {
-  DirectConv<scalar_t> p;
-  p.src = grad4.const_data_ptr<scalar_t>();
-  p.src_stride_n = grad4.stride(0);
-  p.src_stride_c = grad4.stride(1);
-  p.src_stride_h = grad4.stride(2);
-  p.src_stride_w = grad4.stride(3);
-  p.src_h = s.out_h;
-  p.src_w = s.out_w;
-  p.weight = weight.const_data_ptr<scalar_t>() + (s.kernel_h - 1) * weight.stride(2) +
-             (s.kernel_w - 1) * weight.stride(3);
-  p.w_stride_group = s.out_channels_per_group() * weight.stride(0);
+  DirectConv<scalar_t> p = direct_conv_over<scalar_t>(grad4, weight, s, grad_input4);
+  p.weight += (s.kernel_h - 1) * weight.stride(2) + (s.kernel_w - 1) * weight.stride(3);
   p.w_stride_out = weight.stride(1);
   p.w_stride_reduce = weight.stride(0);
   p.w_stride_tap_h = -weight.stride(2);
   p.w_stride_tap_w = -weight.stride(3);
-  p.bias = nullptr;
-  p.out = grad_input4.mutable_data_ptr<scalar_t>();
-  p.batch = s.batch;
-  p.out_h = s.in_h;
-  p.out_w = s.in_w;
-  p.groups = s.groups;
   p.out_per_group = s.in_channels_per_group();
   p.reduce_per_group = s.out_channels_per_group();
-  p.kernel_h = s.kernel_h;
-  p.kernel_w = s.kernel_w;
   p.stride_h = p.stride_w = 1;
-  p.dilation_h = s.dilation_h;
-  p.dilation_w = s.dilation_w;
   p.step_h = s.stride_h;
   p.step_w = s.stride_w;
   p.offset_h = (s.kernel_h - 1) * s.dilation_h - s.pad_top;
@@ -705,24 +697,18 @@ at::Tensor conv2d_cuda(
     at::IntArrayRef dilation,
     int64_t groups,
     bool pad_same) {
-  check_operands("conv2d", input, weight, bias, kCudaDtypes, "CUDA");
-  const Conv2dShape s =
-      conv2d_shape_of(input, weight, bias, stride, padding, dilation, groups, pad_same);
+  Conv2dForwardSetup setup = conv2d_forward_setup(
+      input, weight, bias, stride, padding, dilation, groups, pad_same, kCudaDtypes, "CUDA");
+  const Conv2dShape& s = setup.shape;
   check_sizes("conv2d", s);
+  if (setup.out.numel() == 0) return setup.out;
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool batched = input.dim() == 4;
-  std::vector<int64_t> size = {s.batch, s.out_channels, s.out_h, s.out_w};
-  if (!batched) size.erase(size.begin());
-  at::Tensor out = at::empty(size, input.options());
-  if (out.numel() == 0) return out;
-  at::Tensor out4 = batched ? out : out.unsqueeze(0);
-  const at::Tensor input4 = batched ? input : input.unsqueeze(0);
   const at::Tensor bias_contiguous = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lightning_hw::conv2d_cuda", [&] {
     const scalar_t* bias_data = bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
-    run_direct_conv(forward_conv<scalar_t>(input4, weight, bias_data, s, out4));
+    run_direct_conv(forward_conv<scalar_t>(setup.input4, weight, bias_data, s, setup.out4));
   });
-  return out;
+  return setup.out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
@@ -735,25 +721,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     int64_t groups,
     bool pad_same,
     std::array<bool, 3> output_mask) {
-  check_operands("conv2d_backward", input, weight, std::nullopt, kCudaDtypes, "CUDA");
-  const Conv2dShape s =
-      conv2d_shape_of(input, weight, std::nullopt, stride, padding, dilation, groups, pad_same);
+  Conv2dBackwardSetup setup = conv2d_backward_setup(
+      grad_output, input, weight, stride, padding, dilation, groups, pad_same, output_mask, kCudaDtypes,
+      "CUDA");
+  const Conv2dShape& s = setup.shape;
   check_sizes("conv2d_backward", s);
-  const bool batched = input.dim() == 4;
-  std::vector<int64_t> out_size = {s.batch, s.out_channels, s.out_h, s.out_w};
-  if (!batched) out_size.erase(out_size.begin());
-  check_grad_output("conv2d_backward", grad_output, input, out_size);
+  at::Tensor& grad_input = setup.grad_input;
+  at::Tensor& grad_weight = setup.grad_weight;
+  at::Tensor& grad_bias = setup.grad_bias;
+  if (s.batch == 0) return {grad_input, grad_weight, grad_bias};
   const c10::cuda::CUDAGuard guard(input.device());
-
-  const auto options = grad_output.options();
-  at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), options) : at::empty({0}, options);
-  at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), options) : at::empty({0}, options);
-  at::Tensor grad_bias = output_mask[2] ? at::empty({s.out_channels}, options) : at::empty({0}, options);
-  if (s.batch == 0) {  // nothing to sum: zero parameter gradients, empty input gradient
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return {grad_input, grad_weight, grad_bias};
-  }
+  const bool batched = setup.batched;
   const at::Tensor grad4 = batched ? grad_output : grad_output.unsqueeze(0);
   const at::Tensor input4 = batched ? input : input.unsqueeze(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -224,12 +224,6 @@ __global__ void __launch_bounds__(kMaskColumns * kMaskRowLanes) relu_mask_kernel
 
 // ---- ops ----
 
-std::vector<int64_t> output_sizes(const at::Tensor& input, int64_t out_features) {
-  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end() - 1);
-  sizes.push_back(out_features);
-  return sizes;
-}
-
 at::Tensor linear_relu_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear_relu_operands(input, weight, bias, kCudaDtypes, "CUDA");
@@ -257,7 +251,7 @@ at::Tensor linear_relu_cuda(
       });
     }
   }
-  return out.view(output_sizes(input, out_features));
+  return out.view(linear_relu_output_sizes(input, out_features));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
@@ -266,18 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
     const at::Tensor& input,
     const at::Tensor& weight,
     std::array<bool, 3> output_mask) {
-  check_linear_relu_operands(input, weight, std::nullopt, kCudaDtypes, "CUDA");
+  check_linear_relu_backward_operands(grad_output, output, input, weight, kCudaDtypes, "CUDA");
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
-  const auto expected = output_sizes(input, out_features);
-  check_grad_output("linear_relu_backward", grad_output, input, expected);
-  TORCH_CHECK(
-      output.sizes() == at::IntArrayRef(expected) && output.scalar_type() == input.scalar_type(),
-      "linear_relu_backward: expected output of size ", at::IntArrayRef(expected), " and type ",
-      input.scalar_type(), " (the forward result), but got ", output.sizes(), " and ",
-      output.scalar_type());
-  TORCH_CHECK(
-      output.device() == input.device(), "linear_relu_backward: expected output on ", input.device(),
-      " like input, but got ", output.device());
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
