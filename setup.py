@@ -58,6 +58,19 @@ def _nvidia_include_dirs():
     return dirs
 
 
+def _cublaslt_library(cuda_home):
+    """The cuBLASLt shared library to link (linear_relu's GEMMs): the toolkit's,
+    else the one of the pip-installed nvidia packages that torch itself loads."""
+    dirs = [cuda_home / "lib64", cuda_home / "lib"]
+    for entry in sys.path:
+        dirs += sorted((Path(entry) / "nvidia").glob("*/lib"))
+    for directory in dirs:
+        found = sorted(directory.glob("libcublasLt.so*"), key=lambda p: len(p.name))
+        if found:
+            return str(found[0])
+    return None
+
+
 def _sources(pattern):
     # setuptools wants paths relative to setup.py.
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(CSRC / pattern)))
@@ -131,10 +144,17 @@ def _extensions():
     # Without a GPU torch cannot guess the architectures: default to Ampere and Hopper.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     include_dirs += _nvidia_include_dirs()
-    nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["--expt-relaxed-constexpr"]
+    nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
+        "--expt-relaxed-constexpr",
+        "-Xcompiler=-Wall",
+    ]
+    cublaslt = _cublaslt_library(cuda_home)
+    if cublaslt is None:
+        sys.exit(f"CUDA build: libcublasLt.so not found under {cuda_home} or the nvidia pip packages")
     print(f"  CUDA kernels: built with {cuda_home}/bin/nvcc for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     print(f"  CUDA sources: {cuda_sources}")
     print(f"  nvcc flags: {' '.join(nvcc_flags)}")
+    print(f"  cuBLASLt: {cublaslt}")
     return [
         cpp_extension.CUDAExtension(
             "lightning_hw._C",
@@ -142,7 +162,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("LIGHTNING_HW_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=extra_link_args,
+            extra_link_args=extra_link_args + [cublaslt],
         )
     ]
 

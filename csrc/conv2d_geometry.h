@@ -3,9 +3,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/SymInt.h>
 #include <c10/util/ArrayRef.h>
 
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -168,6 +170,82 @@ inline Conv2dShape conv2d_shape_of(
   return concrete_shape(conv2d_geometry(
       input.sym_sizes(), weight.sym_sizes(), bias_size, stride, padding, dilation, groups,
       pad_same));
+}
+
+// Output size as the op returns it, from a concrete shape.
+inline std::vector<int64_t> conv2d_output_sizes(const Conv2dShape& s, bool batched) {
+  if (batched) return {s.batch, s.out_channels, s.out_h, s.out_w};
+  return {s.out_channels, s.out_h, s.out_w};
+}
+
+// What every backend's conv2d does first: the argument checks, the shape and
+// the contiguous output, with 4-D views of input and output (unbatched input
+// becomes a batch of one).
+struct Conv2dForwardSetup {
+  Conv2dShape shape;
+  at::Tensor out, input4, out4;
+};
+
+inline Conv2dForwardSetup conv2d_forward_setup(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t groups,
+    bool pad_same,
+    c10::ArrayRef<at::ScalarType> supported,
+    const char* backend) {
+  check_operands("conv2d", input, weight, bias, supported, backend);
+  Conv2dForwardSetup setup;
+  setup.shape = conv2d_shape_of(input, weight, bias, stride, padding, dilation, groups, pad_same);
+  const bool batched = input.dim() == 4;
+  setup.out = at::empty(conv2d_output_sizes(setup.shape, batched), input.options());
+  setup.input4 = batched ? input : input.unsqueeze(0);
+  setup.out4 = batched ? setup.out : setup.out.unsqueeze(0);
+  return setup;
+}
+
+// What every backend's conv2d_backward does first: the argument checks, the
+// shape, and the gradients output_mask asks for, allocated contiguous (the
+// others are empty {0} tensors). With an empty batch the parameter gradients
+// are already final (zero) and the input gradient is empty.
+struct Conv2dBackwardSetup {
+  Conv2dShape shape;
+  bool batched;
+  at::Tensor grad_input, grad_weight, grad_bias;
+};
+
+inline Conv2dBackwardSetup conv2d_backward_setup(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    c10::IntArrayRef stride,
+    c10::IntArrayRef padding,
+    c10::IntArrayRef dilation,
+    int64_t groups,
+    bool pad_same,
+    std::array<bool, 3> output_mask,
+    c10::ArrayRef<at::ScalarType> supported,
+    const char* backend) {
+  check_operands("conv2d_backward", input, weight, std::nullopt, supported, backend);
+  Conv2dBackwardSetup setup;
+  setup.shape = conv2d_shape_of(input, weight, std::nullopt, stride, padding, dilation, groups, pad_same);
+  setup.batched = input.dim() == 4;
+  check_grad_output("conv2d_backward", grad_output, input, conv2d_output_sizes(setup.shape, setup.batched));
+  const auto options = grad_output.options();
+  const auto allocate = [&](bool needed, c10::IntArrayRef size) {
+    return needed ? at::empty(size, options) : at::empty({0}, options);
+  };
+  setup.grad_input = allocate(output_mask[0], input.sizes());
+  setup.grad_weight = allocate(output_mask[1], weight.sizes());
+  setup.grad_bias = allocate(output_mask[2], {setup.shape.out_channels});
+  if (setup.shape.batch == 0) {
+    setup.grad_weight.zero_();
+    setup.grad_bias.zero_();
+  }
+  return setup;
 }
 
 }  // namespace lightning_hw

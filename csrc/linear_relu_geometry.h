@@ -54,4 +54,33 @@ inline void check_linear_relu_operands(
   check_operands("linear_relu", input, weight, bias, supported, backend);
 }
 
+// Output size of the op for a concrete input.
+inline std::vector<int64_t> linear_relu_output_sizes(const at::Tensor& input, int64_t out_features) {
+  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end() - 1);
+  sizes.push_back(out_features);
+  return sizes;
+}
+
+// Checks of linear_relu_backward: the operands as in the forward, grad_output
+// and output (the forward result) of the forward output's size, type and device.
+inline void check_linear_relu_backward_operands(
+    const at::Tensor& grad_output,
+    const at::Tensor& output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    c10::ArrayRef<at::ScalarType> supported,
+    const char* backend) {
+  check_linear_relu_operands(input, weight, std::nullopt, supported, backend);
+  const auto expected = linear_relu_output_sizes(input, weight.size(0));
+  check_grad_output("linear_relu_backward", grad_output, input, expected);
+  TORCH_CHECK(
+      output.sizes() == c10::IntArrayRef(expected) && output.scalar_type() == input.scalar_type(),
+      "linear_relu_backward: expected output of size ", c10::IntArrayRef(expected), " and type ",
+      input.scalar_type(), " (the forward result), but got ", output.sizes(), " and ",
+      output.scalar_type());
+  TORCH_CHECK(
+      output.device() == input.device(), "linear_relu_backward: expected output on ", input.device(),
+      " like input, but got ", output.device());
+}
+
 }  // namespace lightning_hw

@@ -21,10 +21,15 @@ def run_setup(env_overrides):
     )
 
 
-def test_force_cuda_without_a_usable_toolkit_is_an_error():
+def cuda_buildable():
+    """What setup.py's default asks of a CUDA build: a CUDA torch, .cu sources, nvcc."""
     has_sources = any((ROOT / "csrc" / "cuda").glob("*.cu"))
     has_nvcc = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
-    if torch.version.cuda is not None and has_sources and has_nvcc:
+    return torch.version.cuda is not None and has_sources and has_nvcc
+
+
+def test_force_cuda_without_a_usable_toolkit_is_an_error():
+    if cuda_buildable():
         pytest.skip("CUDA can be built here, so FORCE_CUDA=1 builds it (the install step does that)")
     result = run_setup({"FORCE_CUDA": "1"})
     assert result.returncode != 0
@@ -46,3 +51,14 @@ def test_extension_is_loaded_once_and_reports_its_build():
 
     assert sys.modules["lightning_hw._C"] is ext
     assert lightning_hw.has_cuda_kernels() == torch.ops.lightning_hw.has_cuda_kernels()
+
+
+@pytest.mark.skipif(not cuda_buildable(), reason="needs a CUDA torch and nvcc")
+def test_cuda_kernels_are_built_where_they_can_be():
+    """With a CUDA torch and nvcc the default build compiles and registers the
+    CUDA kernels, GPU or not (FORCE_CUDA=0 is the only way to leave them out)."""
+    if os.environ.get("FORCE_CUDA", "").strip().lower() in {"0", "false", "no", "off"}:
+        pytest.skip("this environment builds with FORCE_CUDA=0")
+    assert lightning_hw.has_cuda_kernels()
+    for op in ("conv2d", "conv2d_backward", "linear_relu", "linear_relu_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lightning_hw::{op}", "CUDA"), op
