@@ -55,6 +55,8 @@ namespace {
 constexpr int kConvPixels = 12;
 constexpr int kWgradMaxRows = 12;
 constexpr int kPlanarMaxChannels = 8;
+constexpr int kPlanarWgradMaxChannels = 4;
+constexpr int kPlanarWgradMaxPositions = 6;
 
 // Longest reduction (channels x taps per output) sent to the planar path even
 // with many output channels; see use_planar.
@@ -68,6 +70,8 @@ struct IsaTiles {
   int conv_pixels;              // output pixels per conv tile (NV = 1 and 2)
   int wgrad_rows[2];            // [NV - 1] most positions per weight-gradient tile
   int planar_channels[2];       // [NP - 1] most output channels per planar tile
+  int planar_wgrad_channels;    // output channels x positions per planar weight-gradient tile
+  int planar_wgrad_positions;
 };
 
 template <typename scalar_t>
@@ -89,10 +93,15 @@ struct ConvKernels {
   using PlanarTile = void (*)(
       const scalar_t*, int64_t, const int64_t*, int64_t, int64_t, const scalar_t*, int64_t,
       const scalar_t*, scalar_t*);
+  using PlanarWgradTile = void (*)(
+      const scalar_t*, int64_t, int64_t, const scalar_t*, int64_t, const int64_t*, int64_t, int64_t,
+      scalar_t*, int64_t);
   IsaTiles tiles;
+  int native_lanes;                               // lanes of one native vector
   ConvTile conv[2];                               // [NV - 1], P = tiles.conv_pixels
   WgradTile wgrad[2][2][kWgradMaxRows];           // [consecutive positions][NV - 1][R - 1]
   PlanarTile planar[2][kPlanarMaxChannels];       // [NP - 1][O - 1]
+  PlanarWgradTile planar_wgrad[kPlanarWgradMaxChannels][kPlanarWgradMaxPositions];  // [O - 1][T - 1]
 };
 
 }  // namespace
@@ -103,8 +112,9 @@ struct ConvKernels {
 namespace lightning_hw {
 namespace {
 namespace isa_avx512 {
-// 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2.
-constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}};
+// 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2,
+// 4 channels x 6 positions.
+constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}, 4, 6};
 constexpr int kIsaVectorBytes = 64;
 #include "conv2d_kernels.h"
 }  // namespace isa_avx512
@@ -118,7 +128,7 @@ namespace lightning_hw {
 namespace {
 namespace isa_avx2 {
 // 12 of 16 ymm as accumulators (a 64-byte vector is two ymm).
-constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}};
+constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}, 3, 3};
 constexpr int kIsaVectorBytes = 32;
 #include "conv2d_kernels.h"
 }  // namespace isa_avx2
@@ -129,8 +139,9 @@ constexpr int kIsaVectorBytes = 32;
 namespace lightning_hw {
 namespace {
 namespace isa_baseline {
-// 8 to 12 of 16 xmm as accumulators (a 64-byte vector is four xmm).
-constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}};
+// 8 to 12 of 16 xmm as accumulators (a 64-byte vector is four xmm); 9 for the
+// planar weight gradient, whose accumulators are single xmm.
+constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}, 3, 3};
 constexpr int kIsaVectorBytes = 16;
 #include "conv2d_kernels.h"
 }  // namespace isa_baseline
@@ -172,7 +183,14 @@ int64_t ceil_div(int64_t a, int64_t b) {
 // 4 KiB on first touch, which costs as much as the copy itself for the big
 // layers; training repeats the same shapes, so the buffers are simply reused.
 // Buffers over kWorkspaceCacheLimit bytes are not kept.
-enum WorkspaceSlot { kSourceSlot = 0, kGradOutputSlot = 1, kPaddedInputSlot = 2, kSlotCount = 3 };
+enum WorkspaceSlot {
+  kSourceSlot = 0,
+  kGradOutputSlot = 1,
+  kPaddedInputSlot = 2,
+  kRowsSlot = 3,       // per-thread rows of the planar kernels
+  kGradRowsSlot = 4,   // per-thread grad_output rows of the planar weight gradient
+  kSlotCount = 5
+};
 constexpr int64_t kWorkspaceCacheLimit = int64_t(64) << 20;
 
 template <typename scalar_t>
@@ -274,43 +292,63 @@ void fill_nhwc(
   });
 }
 
-// Copies a 4-D (N, C, H, W) tensor of any strides into a planar buffer
-// dst[n][c][j][i] of size (N, C, dst_h, dst_w), placed as in fill_nhwc
-// (offsets, steps, zeros elsewhere).
+// A zero-padded (and possibly zero-stuffed) planar view of a 4-D (N, C, H, W)
+// tensor of any strides: source pixel (h, w) sits at padded row
+// offset_h + h * step_h, column offset_w + w * step_w (a negative offset crops);
+// every other padded element is zero. The planar kernels copy the rows they
+// need into a small per-thread buffer, which stays in cache: the padding costs
+// no memory traffic beyond one read of the source.
 template <typename scalar_t>
-void fill_planar(
-    const at::Tensor& src,
-    scalar_t* dst,
-    int64_t dst_h,
-    int64_t dst_w,
-    int64_t offset_h,
-    int64_t offset_w,
-    int64_t step_h,
-    int64_t step_w) {
-  const scalar_t* data = src.const_data_ptr<scalar_t>();
-  const int64_t batch = src.size(0), channels = src.size(1), h = src.size(2), w = src.size(3);
-  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
-  const int64_t w_begin = offset_w >= 0 ? 0 : ceil_div(-offset_w, step_w);
-  const int64_t w_end = std::min(w, ceil_div(dst_w - offset_w, step_w));
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, dst_w));
-  at::parallel_for(0, batch * channels * dst_h, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t nc = row / dst_h, j = row % dst_h;
-      const int64_t n = nc / channels, c = nc % channels;
-      scalar_t* out = dst + row * dst_w;
-      std::memset(out, 0, dst_w * sizeof(scalar_t));
-      const int64_t jj = j - offset_h;
-      if (jj < 0 || jj % step_h != 0 || jj / step_h >= h) continue;
-      const scalar_t* in = data + n * sn + c * sc + (jj / step_h) * sh;
-      if (sw == 1 && step_w == 1) {
-        if (w_end > w_begin)
-          std::memcpy(out + offset_w + w_begin, in + w_begin, (w_end - w_begin) * sizeof(scalar_t));
-      } else {
-        for (int64_t x = w_begin; x < w_end; ++x) out[offset_w + x * step_w] = in[x * sw];
+struct PaddedPlanes {
+  const scalar_t* data;
+  int64_t h, w, sn, sc, sh, sw;
+  int64_t offset_h, offset_w, step_h, step_w;
+
+  PaddedPlanes(const at::Tensor& src, int64_t offset_h, int64_t offset_w, int64_t step_h, int64_t step_w)
+      : data(src.const_data_ptr<scalar_t>()),
+        h(src.size(2)),
+        w(src.size(3)),
+        sn(src.stride(0)),
+        sc(src.stride(1)),
+        sh(src.stride(2)),
+        sw(src.stride(3)),
+        offset_h(offset_h),
+        offset_w(offset_w),
+        step_h(step_h),
+        step_w(step_w) {}
+
+  // Padded rows [row_begin, row_begin + rows) and columns [0, dst_w) of
+  // channels [c_begin, c_begin + channels) of image n, as
+  // dst[c * dst_channel_stride + row * dst_w + column].
+  void copy(
+      int64_t n,
+      int64_t c_begin,
+      int64_t channels,
+      int64_t row_begin,
+      int64_t rows,
+      scalar_t* dst,
+      int64_t dst_w,
+      int64_t dst_channel_stride) const {
+    // Columns of the source that land inside [0, dst_w).
+    const int64_t w_begin = offset_w >= 0 ? 0 : ceil_div(-offset_w, step_w);
+    const int64_t w_end = std::min(w, ceil_div(dst_w - offset_w, step_w));
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t j = 0; j < rows; ++j) {
+        scalar_t* out = dst + c * dst_channel_stride + j * dst_w;
+        std::memset(out, 0, dst_w * sizeof(scalar_t));
+        const int64_t jj = row_begin + j - offset_h;
+        if (jj < 0 || jj % step_h != 0 || jj / step_h >= h) continue;
+        const scalar_t* in = data + n * sn + (c_begin + c) * sc + (jj / step_h) * sh;
+        if (sw == 1 && step_w == 1) {
+          if (w_end > w_begin)
+            std::memcpy(out + offset_w + w_begin, in + w_begin, (w_end - w_begin) * sizeof(scalar_t));
+        } else {
+          for (int64_t x = w_begin; x < w_end; ++x) out[offset_w + x * step_w] = in[x * sw];
+        }
       }
     }
-  });
-}
+  }
+};
 
 // Output channels are processed in blocks of two vectors; the last block of a
 // group may be a single vector.
@@ -455,6 +493,13 @@ bool use_planar(int64_t out_per_group, int64_t reduce_per_output, int64_t stride
          (out_per_group * 2 <= lanes<scalar_t>() || reduce_per_output <= kPlanarMaxReduce);
 }
 
+template <typename scalar_t>
+bool planar_forward(const Conv2dShape& s) {
+  return use_planar<scalar_t>(
+      s.out_channels_per_group(), s.in_channels_per_group() * s.kernel_h * s.kernel_w, s.stride_h,
+      s.stride_w);
+}
+
 // Weights as packed[g][c][tap][o]: c over the reduced channels, o over the
 // group's outputs; transposed (input gradient) swaps the roles of in/out
 // channels and flips the kernel, as in pack_weights.
@@ -480,15 +525,14 @@ at::Tensor pack_planar_weights(const at::Tensor& weight, const Conv2dShape& s, b
   return packed;
 }
 
-// A stride-1 direct convolution over a planar source:
+// A stride-1 direct convolution over a zero-padded planar source:
 //   out[n][g*out_pg + o][oh][ow] = bias[g*out_pg + o] + sum over taps and c of
 //     src[n][g*reduce + c][oh + kh*dil][ow + kw*dil] * w[g][o][c][kh][kw]
-// The source needs 2 * lanes readable elements past its end: the last vector
-// of a row may run past it (those lanes are computed but never stored).
+// with src_w columns per padded row and out contiguous NCHW.
 template <typename scalar_t>
 struct PlanarConv {
-  const scalar_t* src;
-  int64_t src_h, src_w;
+  PaddedPlanes<scalar_t> src;
+  int64_t src_w;
   int64_t batch, groups, reduce, out_per_group;
   int64_t kernel_h, kernel_w, dilation_h, dilation_w, out_h, out_w;
   const scalar_t* packed_weights;  // pack_planar_weights
@@ -501,42 +545,59 @@ void run_planar_conv(const PlanarConv<scalar_t>& a) {
   constexpr int64_t L = lanes<scalar_t>();
   const ConvKernels<scalar_t>& kern = kernels<scalar_t>();
   const int64_t taps = a.kernel_h * a.kernel_w;
+  const int64_t reach = (a.kernel_h - 1) * a.dilation_h;  // source rows beyond the output rows
+  // Work units: (image, group, block of output rows). A unit copies its
+  // padded source rows into a per-thread buffer of at most ~256 KiB (kept in
+  // L2), then sweeps them; blocks are smaller when there are few images, so
+  // that every thread gets work.
+  const int64_t row_bytes = a.reduce * a.src_w * int64_t(sizeof(scalar_t));
+  const int64_t fit_rows = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, row_bytes) - reach);
+  const int64_t spread = ceil_div(4 * at::get_num_threads(), a.batch * a.groups);
+  const int64_t block_rows = std::min(ceil_div(a.out_h, spread), fit_rows);
+  const int64_t row_blocks = ceil_div(a.out_h, block_rows);
+  const int64_t buffer_rows = block_rows + reach;
+  const int64_t channel_stride = buffer_rows * a.src_w;
   std::vector<int64_t> tap_offset(taps);
   for (int64_t kh = 0; kh < a.kernel_h; ++kh)
     for (int64_t kw = 0; kw < a.kernel_w; ++kw)
       tap_offset[kh * a.kernel_w + kw] = kh * a.dilation_h * a.src_w + kw * a.dilation_w;
-  const int64_t channel_stride = a.src_h * a.src_w;
   // Rows of more than one vector use two-vector tiles (the tail may use one).
   const int64_t max_channels = kern.tiles.planar_channels[a.out_w > L ? 1 : 0];
   const int64_t out_channels = a.groups * a.out_per_group;
-  const int64_t rows = a.batch * a.groups * a.out_h;
-  const int64_t row_work = a.out_per_group * a.reduce * taps * a.out_w;
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row_work));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.batch * a.groups * row_blocks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) scalar_t tile[kPlanarMaxChannels * 2 * L];
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / (a.groups * a.out_h);
-      const int64_t g = (row / a.out_h) % a.groups;
-      const int64_t oh = row % a.out_h;
-      const scalar_t* src =
-          a.src + ((n * a.groups + g) * a.reduce * a.src_h + oh) * a.src_w;
+    at::Tensor keep_alive;
+    // The last vector of a row may run 2 * lanes past the buffer's end: those
+    // lanes are computed, never stored.
+    const int64_t buffer_size = a.reduce * channel_stride;
+    scalar_t* buffer = workspace<scalar_t>(kRowsSlot, buffer_size + 2 * L, keep_alive);
+    std::memset(buffer + buffer_size, 0, 2 * L * sizeof(scalar_t));
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t n = unit / (a.groups * row_blocks);
+      const int64_t g = (unit / row_blocks) % a.groups;
+      const int64_t oh_begin = (unit % row_blocks) * block_rows;
+      const int64_t oh_end = std::min(a.out_h, oh_begin + block_rows);
+      a.src.copy(n, g * a.reduce, a.reduce, oh_begin, oh_end - oh_begin + reach, buffer, a.src_w, channel_stride);
       const scalar_t* w = a.packed_weights + g * a.reduce * taps * a.out_per_group;
-      for (int64_t o0 = 0; o0 < a.out_per_group;) {
-        const int64_t count = std::min<int64_t>(max_channels, a.out_per_group - o0);
-        for (int64_t ow0 = 0; ow0 < a.out_w;) {
-          const int64_t vectors = a.out_w - ow0 > L ? 2 : 1;
-          kern.planar[vectors - 1][count - 1](
-              src + ow0, channel_stride, tap_offset.data(), taps, a.reduce, w + o0,
-              a.out_per_group, a.bias ? a.bias + g * a.out_per_group + o0 : nullptr, tile);
-          const int64_t valid = std::min(vectors * L, a.out_w - ow0);
-          for (int64_t o = 0; o < count; ++o) {
-            scalar_t* dst =
-                a.out + ((n * out_channels + g * a.out_per_group + o0 + o) * a.out_h + oh) * a.out_w + ow0;
-            std::memcpy(dst, tile + o * vectors * L, valid * sizeof(scalar_t));
+      for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+        const scalar_t* src = buffer + (oh - oh_begin) * a.src_w;
+        for (int64_t o0 = 0; o0 < a.out_per_group;) {
+          const int64_t count = std::min<int64_t>(max_channels, a.out_per_group - o0);
+          for (int64_t ow0 = 0; ow0 < a.out_w;) {
+            const int64_t vectors = a.out_w - ow0 > L ? 2 : 1;
+            kern.planar[vectors - 1][count - 1](
+                src + ow0, channel_stride, tap_offset.data(), taps, a.reduce, w + o0,
+                a.out_per_group, a.bias ? a.bias + g * a.out_per_group + o0 : nullptr, tile);
+            const int64_t valid = std::min(vectors * L, a.out_w - ow0);
+            for (int64_t o = 0; o < count; ++o) {
+              scalar_t* dst =
+                  a.out + ((n * out_channels + g * a.out_per_group + o0 + o) * a.out_h + oh) * a.out_w + ow0;
+              std::memcpy(dst, tile + o * vectors * L, valid * sizeof(scalar_t));
+            }
+            ow0 += valid;
           }
-          ow0 += valid;
+          o0 += count;
         }
-        o0 += count;
       }
     }
   });
@@ -555,18 +616,12 @@ void conv2d_forward_impl(
   // touches are left out, and 'same' padding comes out asymmetric by itself.
   const int64_t pad_h = (s.out_h - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
   const int64_t pad_w = (s.out_w - 1) * s.stride_w + (s.kernel_w - 1) * s.dilation_w + 1;
-  if (use_planar<scalar_t>(
-          cout_g, s.in_channels_per_group() * s.kernel_h * s.kernel_w, s.stride_h, s.stride_w)) {
-    at::Tensor keep_alive;
-    const int64_t src_size = s.batch * s.in_channels * pad_h * pad_w;
-    scalar_t* src = workspace<scalar_t>(kSourceSlot, src_size + 2 * L, keep_alive);
-    fill_planar<scalar_t>(input4, src, pad_h, pad_w, s.pad_top, s.pad_left, 1, 1);
-    std::memset(src + src_size, 0, 2 * L * sizeof(scalar_t));  // read past the end, never stored
+  if (planar_forward<scalar_t>(s)) {
     const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/false);
     at::Tensor bias_contiguous;
     if (bias.has_value()) bias_contiguous = bias->contiguous();
     PlanarConv<scalar_t> a{
-        src, pad_h, pad_w, s.batch, s.groups,
+        PaddedPlanes<scalar_t>(input4, s.pad_top, s.pad_left, 1, 1), pad_w, s.batch, s.groups,
         s.in_channels_per_group(), cout_g, s.kernel_h, s.kernel_w, s.dilation_h, s.dilation_w,
         s.out_h, s.out_w, packed.const_data_ptr<scalar_t>(),
         bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr,
@@ -651,15 +706,10 @@ void input_grad_impl(
   const int64_t offset_w = (s.kernel_w - 1) * s.dilation_w - s.pad_left;
   if (use_planar<scalar_t>(
           s.in_channels_per_group(), s.out_channels_per_group() * s.kernel_h * s.kernel_w, 1, 1)) {
-    at::Tensor keep_alive;
-    const int64_t src_size = s.batch * s.out_channels * src_h * src_w;
-    scalar_t* src = workspace<scalar_t>(kSourceSlot, src_size + 2 * lanes<scalar_t>(), keep_alive);
-    fill_planar<scalar_t>(grad4, src, src_h, src_w, offset_h, offset_w, s.stride_h, s.stride_w);
-    std::memset(src + src_size, 0, 2 * lanes<scalar_t>() * sizeof(scalar_t));  // read past the end, never stored
     const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/true);
     PlanarConv<scalar_t> a{
-        src, src_h, src_w, s.batch, s.groups,
-        s.out_channels_per_group(), s.in_channels_per_group(), s.kernel_h, s.kernel_w,
+        PaddedPlanes<scalar_t>(grad4, offset_h, offset_w, s.stride_h, s.stride_w), src_w, s.batch,
+        s.groups, s.out_channels_per_group(), s.in_channels_per_group(), s.kernel_h, s.kernel_w,
         s.dilation_h, s.dilation_w, s.in_h, s.in_w, packed.const_data_ptr<scalar_t>(), nullptr,
         grad_input4.mutable_data_ptr<scalar_t>()};
     run_planar_conv(a);
@@ -838,31 +888,137 @@ void weight_grad_impl(
   });
 }
 
+// Splits `count` items into ceil(count / most) runs of at most `most`, as even
+// as possible: (first, size) of each.
+std::vector<std::pair<int64_t, int64_t>> even_runs(int64_t count, int64_t most) {
+  const int64_t runs = ceil_div(count, most);
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t i = 0; i < runs; ++i) out.emplace_back(i * count / runs, (i + 1) * count / runs - i * count / runs);
+  return out;
+}
+
+// Weight gradient from planar rows: grad_output is read in place (NCHW) or, when
+// its rows are not whole vectors, through a per-thread buffer of padded rows;
+// the input rows a chunk needs are copied, zero-padded, into another. Tiles of
+// (output channels x positions) accumulate vectors over a chunk of rows of one
+// image (both buffers stay in L2). The rows are split into a number of parts
+// fixed by the shape; each part sums into its own vectors, and the parts and
+// then the lanes are added in order: bitwise reproducible whatever the thread
+// count.
 template <typename scalar_t>
-void bias_grad_impl(
-    const scalar_t* grad_nhwc, int64_t cout_g_padded, const Conv2dShape& s, at::Tensor& grad_bias) {
-  const int64_t channels = s.groups * cout_g_padded;
-  const int64_t pixels = s.batch * s.out_h * s.out_w;
-  const int64_t parts = std::clamp<int64_t>(pixels, 1, 8);
-  std::vector<scalar_t> partial(parts * channels, scalar_t(0));
-  const scalar_t* gy = grad_nhwc;
+void planar_weight_grad_impl(
+    const at::Tensor& input4, const at::Tensor& grad4, const Conv2dShape& s, at::Tensor& grad_weight) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const ConvKernels<scalar_t>& kern = kernels<scalar_t>();
+  const int64_t NL = kern.native_lanes;
+  const int64_t row_w = round_up(s.out_w, L);                           // grad_output row, whole vectors
+  const int64_t x_w = row_w + (s.kernel_w - 1) * s.dilation_w;           // every tap's vectors in bounds
+  const int64_t reach = (s.kernel_h - 1) * s.dilation_h;
+  const int64_t cin_g = s.in_channels_per_group(), cout_g = s.out_channels_per_group();
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const int64_t positions = cin_g * taps;  // q = ci * taps + tap, as grad_weight stores them
+  const bool grad_in_place = grad4.stride(3) == 1 && s.out_w % L == 0;
+  // Rows per chunk: grad_output and input rows within ~256 KiB.
+  const int64_t chunk_bytes = int64_t(1) << 18;
+  const int64_t per_row = (s.out_channels * row_w + s.in_channels * x_w) * int64_t(sizeof(scalar_t));
+  const int64_t chunk_rows = std::clamp<int64_t>(
+      (chunk_bytes - s.in_channels * reach * x_w * int64_t(sizeof(scalar_t))) / per_row, 1, s.out_h);
+  const int64_t x_channel_stride = (chunk_rows + reach) * x_w;
+  const int64_t g_buffer_channel_stride = chunk_rows * row_w;
+  std::vector<int64_t> x_offset(positions);
+  for (int64_t ci = 0; ci < cin_g; ++ci)
+    for (int64_t k = 0; k < taps; ++k)
+      x_offset[ci * taps + k] =
+          ci * x_channel_stride + (k / s.kernel_w) * s.dilation_h * x_w + (k % s.kernel_w) * s.dilation_w;
+  const auto channel_blocks = even_runs(cout_g, kern.tiles.planar_wgrad_channels);
+  const auto position_tiles = even_runs(positions, kern.tiles.planar_wgrad_positions);
+
+  const int64_t rows = s.batch * s.out_h;
+  const int64_t parts = std::clamp<int64_t>(ceil_div(rows, 64), 1, 16);
+  const int64_t outputs = s.out_channels * positions;
+  at::Tensor partial = at::zeros({parts * outputs * NL}, input4.options());
+  scalar_t* partial_data = partial.mutable_data_ptr<scalar_t>();
+  const PaddedPlanes<scalar_t> x_src(input4, s.pad_top, s.pad_left, 1, 1);
+  const PaddedPlanes<scalar_t> g_src(grad4, 0, 0, 1, 1);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor x_keep, g_keep;
+    scalar_t* x_buffer = workspace<scalar_t>(kRowsSlot, s.in_channels * x_channel_stride, x_keep);
+    scalar_t* g_buffer = grad_in_place
+        ? nullptr
+        : workspace<scalar_t>(kGradRowsSlot, s.out_channels * g_buffer_channel_stride, g_keep);
     for (int64_t part = begin; part < end; ++part) {
-      scalar_t* sum = partial.data() + part * channels;
-      for (int64_t p = part * pixels / parts; p < (part + 1) * pixels / parts; ++p) {
-        const scalar_t* row = gy + p * channels;
-        for (int64_t c = 0; c < channels; ++c) sum[c] += row[c];
+      scalar_t* acc = partial_data + part * outputs * NL;
+      const int64_t row_end = (part + 1) * rows / parts;
+      for (int64_t row = part * rows / parts; row < row_end;) {
+        const int64_t n = row / s.out_h, oh = row % s.out_h;
+        const int64_t count = std::min({chunk_rows, s.out_h - oh, row_end - row});
+        x_src.copy(n, 0, s.in_channels, oh, count + reach, x_buffer, x_w, x_channel_stride);
+        const scalar_t* g;
+        int64_t g_row_stride, g_channel_stride;
+        if (grad_in_place) {
+          g = g_src.data + n * g_src.sn + oh * g_src.sh;
+          g_row_stride = g_src.sh;
+          g_channel_stride = g_src.sc;
+        } else {
+          g_src.copy(n, 0, s.out_channels, oh, count, g_buffer, row_w, g_buffer_channel_stride);
+          g = g_buffer;
+          g_row_stride = row_w;
+          g_channel_stride = g_buffer_channel_stride;
+        }
+        for (int64_t grp = 0; grp < s.groups; ++grp) {
+          for (const auto& [co0, channels] : channel_blocks) {
+            const int64_t co = grp * cout_g + co0;
+            for (const auto& [q0, count_q] : position_tiles) {
+              kern.planar_wgrad[channels - 1][count_q - 1](
+                  g + co * g_channel_stride, g_row_stride, g_channel_stride,
+                  x_buffer + grp * cin_g * x_channel_stride, x_w, &x_offset[q0], count, row_w / NL,
+                  acc + (co * positions + q0) * NL, positions * NL);
+            }
+          }
+        }
+        row += count;
       }
     }
   });
-  const int64_t cout_g = s.out_channels_per_group();
+
+  // grad_weight (Cout, Cin/groups, KH, KW) is [co][q]: sum the parts, then the lanes, in order.
+  scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t sum = 0;
+      for (int64_t part = 0; part < parts; ++part) {
+        const scalar_t* v = partial_data + (part * outputs + i) * NL;
+        for (int64_t lane = 0; lane < NL; ++lane) sum += v[lane];
+      }
+      gw[i] = sum;
+    }
+  });
+}
+
+// grad_bias[c]: the sum of grad_output over images and pixels of channel c.
+// Each channel is summed by one thread in a fixed order (reproducible).
+template <typename scalar_t>
+void bias_grad_impl(const at::Tensor& grad4, at::Tensor& grad_bias) {
+  const at::Tensor g = grad4.contiguous();
+  const scalar_t* gd = g.const_data_ptr<scalar_t>();
+  const int64_t batch = g.size(0), channels = g.size(1), plane = g.size(2) * g.size(3);
   scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-  for (int64_t co = 0; co < s.out_channels; ++co) {
-    const int64_t slot = (co / cout_g) * cout_g_padded + co % cout_g;
-    scalar_t sum = partial[slot];
-    for (int64_t part = 1; part < parts; ++part) sum += partial[part * channels + slot];
-    gb[co] = sum;
-  }
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kSums = 16;  // independent running sums: one vector of them
+    for (int64_t c = begin; c < end; ++c) {
+      scalar_t sums[kSums] = {};
+      for (int64_t n = 0; n < batch; ++n) {
+        const scalar_t* p = gd + (n * channels + c) * plane;
+        int64_t i = 0;
+        for (; i + kSums <= plane; i += kSums)
+          for (int64_t j = 0; j < kSums; ++j) sums[j] += p[i + j];
+        for (; i < plane; ++i) sums[i - (plane / kSums) * kSums] += p[i];
+      }
+      scalar_t total = 0;
+      for (int64_t j = 0; j < kSums; ++j) total += sums[j];
+      gb[c] = total;
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
@@ -899,13 +1055,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       at::Tensor grad_input4 = batched ? grad_input : grad_input.unsqueeze(0);
       input_grad_impl<scalar_t>(grad4, weight, s, grad_input4);
     }
-    if (output_mask[1] || output_mask[2]) {
+    // The shapes of the planar forward (few channels) take the planar weight
+    // gradient too: there grad_output in NHWC would be mostly padding lanes,
+    // and its copy would cost more than the arithmetic.
+    if (output_mask[1] && planar_forward<scalar_t>(s)) {
+      planar_weight_grad_impl<scalar_t>(input4, grad4, s, grad_weight);
+    } else if (output_mask[1]) {
       const int64_t cout_g_padded = round_up(s.out_channels_per_group(), lanes<scalar_t>());
       at::Tensor keep_alive;
       const scalar_t* grad_nhwc = grad_output_nhwc<scalar_t>(grad4, s, cout_g_padded, keep_alive);
-      if (output_mask[1]) weight_grad_impl<scalar_t>(input4, grad_nhwc, cout_g_padded, s, grad_weight);
-      if (output_mask[2]) bias_grad_impl<scalar_t>(grad_nhwc, cout_g_padded, s, grad_bias);
+      weight_grad_impl<scalar_t>(input4, grad_nhwc, cout_g_padded, s, grad_weight);
     }
+    if (output_mask[2]) bias_grad_impl<scalar_t>(grad4, grad_bias);
   });
   return {grad_input, grad_weight, grad_bias};
 }

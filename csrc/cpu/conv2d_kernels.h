@@ -179,6 +179,60 @@ void planar_tile(
     for (int j = 0; j < N; ++j) store_vec(tile + o * (N * L) + j * L, acc[o][j]);
 }
 
+// Stride-1 weight-gradient tile over planar (NCHW) rows, for few channels: O
+// output channels x T reduced positions (an input channel and a kernel tap
+// each), one native vector accumulator per pair, summed over `rows` rows of
+// `vectors` native vectors of output pixels. Per row and vector, O grad_output
+// vectors and T shifted input vectors are loaded once each (O*T FMAs for O+T
+// loads). acc_io holds the running vector sums, [o * acc_stride + t * lanes],
+// read at the start and written back at the end.
+//   g + r * g_row_stride + o * g_channel_stride : grad_output row r of channel o
+//   x + r * x_row_stride + x_offset[t] : the input row that position t meets
+// Lanes past the row's end must read zero in g (then x there only needs to be
+// finite).
+template <typename scalar_t, int O, int T>
+void planar_wgrad_tile(
+    const scalar_t* g,
+    int64_t g_row_stride,
+    int64_t g_channel_stride,
+    const scalar_t* x,
+    int64_t x_row_stride,
+    const int64_t* x_offset,
+    int64_t rows,
+    int64_t vectors,
+    scalar_t* acc_io,
+    int64_t acc_stride) {
+  using V = typename NativeVec<scalar_t>::type;
+  constexpr int L = NativeVec<scalar_t>::lanes;
+  V acc[O][T];
+  int64_t offset[T];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) offset[t] = x_offset[t];
+#pragma GCC unroll 8
+  for (int o = 0; o < O; ++o)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[o][t] = load_vec<V>(acc_io + o * acc_stride + t * L);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* gr = g + r * g_row_stride;
+    const scalar_t* xr = x + r * x_row_stride;
+    for (int64_t v = 0; v < vectors; ++v) {
+      V gv[O];
+#pragma GCC unroll 8
+      for (int o = 0; o < O; ++o) gv[o] = load_vec<V>(gr + o * g_channel_stride + v * L);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const V xv = load_vec<V>(xr + offset[t] + v * L);
+#pragma GCC unroll 8
+        for (int o = 0; o < O; ++o) acc[o][t] += gv[o] * xv;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int o = 0; o < O; ++o)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) store_vec(acc_io + o * acc_stride + t * L, acc[o][t]);
+}
+
 // The kernels of this instruction set, as plain function pointers.
 template <typename scalar_t, int NV, bool Consecutive, size_t... R>
 void fill_wgrad_table(typename ConvKernels<scalar_t>::WgradTile* table, std::index_sequence<R...>) {
@@ -188,6 +242,19 @@ void fill_wgrad_table(typename ConvKernels<scalar_t>::WgradTile* table, std::ind
 template <typename scalar_t, int NP, size_t... O>
 void fill_planar_table(typename ConvKernels<scalar_t>::PlanarTile* table, std::index_sequence<O...>) {
   ((table[O] = &planar_tile<scalar_t, int(O) + 1, NP>), ...);
+}
+
+template <typename scalar_t, int O, size_t... T>
+void fill_planar_wgrad_row(typename ConvKernels<scalar_t>::PlanarWgradTile* row, std::index_sequence<T...>) {
+  ((row[T] = &planar_wgrad_tile<scalar_t, O, int(T) + 1>), ...);
+}
+
+template <typename scalar_t, size_t... O>
+void fill_planar_wgrad_table(
+    typename ConvKernels<scalar_t>::PlanarWgradTile (*table)[kPlanarWgradMaxPositions],
+    std::index_sequence<O...>) {
+  using PositionSeq = std::make_index_sequence<kPlanarWgradMaxPositions>;
+  (fill_planar_wgrad_row<scalar_t, int(O) + 1>(table[O], PositionSeq{}), ...);
 }
 
 template <typename scalar_t>
@@ -204,5 +271,8 @@ ConvKernels<scalar_t> conv_kernels() {
   using PlanarSeq = std::make_index_sequence<kPlanarMaxChannels>;
   fill_planar_table<scalar_t, 1>(k.planar[0], PlanarSeq{});
   fill_planar_table<scalar_t, 2>(k.planar[1], PlanarSeq{});
+  fill_planar_wgrad_table<scalar_t>(
+      k.planar_wgrad, std::make_index_sequence<kPlanarWgradMaxChannels>{});
+  k.native_lanes = NativeVec<scalar_t>::lanes;
   return k;
 }
