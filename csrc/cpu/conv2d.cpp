@@ -28,8 +28,8 @@
 // block of weight-gradient tiles) for the weight gradient.
 //
 // The inner loops live in conv2d_kernels.h, compiled three times (AVX-512,
-// AVX2+FMA, baseline) and chosen at run time from the CPU's features, so the
-// default build stays portable.
+// AVX2+FMA, baseline) in tile_kernels.cpp and chosen at run time from the CPU's
+// features, so the default build stays portable.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -46,136 +46,24 @@
 
 #include "checks.h"
 #include "conv2d_geometry.h"
+#include "cpu/tile_kernels.h"
 
 namespace lightning_hw {
 namespace {
 
-// Largest register tiles of any instruction set (sizes of tables and local
-// buffers). Each variant picks its own sizes, see IsaTiles.
-constexpr int kConvPixels = 12;
-constexpr int kWgradMaxRows = 12;
-constexpr int kPlanarMaxChannels = 8;
-constexpr int kPlanarWgradMaxChannels = 4;
-constexpr int kPlanarWgradMaxPositions = 6;
+using cpu::ConvKernels;
+using cpu::kConvPixels;
+using cpu::kPlanarMaxChannels;
+using cpu::WgradRows;
+using cpu::ceil_div;
+using cpu::kernels;
+using cpu::lanes;
+using cpu::round_up;
 
 // Longest reduction (channels x taps per output) sent to the planar path even
 // with many output channels; see use_planar.
 constexpr int64_t kPlanarMaxReduce = 64;
 
-// Register tile sizes of one instruction set. A 64-byte vector is one zmm
-// register, two ymm or four xmm; the accumulators must fit in the register
-// file (32 zmm, 16 ymm, 16 xmm) with room left for the operands, else every
-// FMA goes through the stack.
-struct IsaTiles {
-  int conv_pixels;              // output pixels per conv tile (NV = 1 and 2)
-  int wgrad_rows[2];            // [NV - 1] most positions per weight-gradient tile
-  int planar_channels[2];       // [NP - 1] most output channels per planar tile
-  int planar_wgrad_channels;    // output channels x positions per planar weight-gradient tile
-  int planar_wgrad_positions;
-};
-
-template <typename scalar_t>
-struct WgradRows {
-  const scalar_t* input;        // zero-padded NHWC input, group channel offset applied
-  const scalar_t* grad_output;  // NHWC grad_output, group and channel-block offset applied
-  int64_t row_begin, row_end;   // rows of the flattened (image, output row) index
-  int64_t out_h, out_w;
-  int64_t input_image_stride, input_row_stride, input_pixel_stride;  // per image / output row / output pixel
-  int64_t grad_image_stride, grad_row_stride, grad_pixel_stride;
-};
-
-template <typename scalar_t>
-struct ConvKernels {
-  using ConvTile = void (*)(
-      const scalar_t* const*, const int64_t*, int64_t, int64_t, const scalar_t*, const scalar_t*,
-      scalar_t*);
-  using WgradTile = void (*)(const WgradRows<scalar_t>&, const int64_t*, scalar_t*);
-  using PlanarTile = void (*)(
-      const scalar_t*, int64_t, const int64_t*, int64_t, int64_t, const scalar_t*, int64_t,
-      const scalar_t*, scalar_t*);
-  using PlanarWgradTile = void (*)(
-      const scalar_t*, int64_t, int64_t, const scalar_t*, int64_t, const int64_t*, int64_t, int64_t,
-      scalar_t*, int64_t);
-  IsaTiles tiles;
-  int native_lanes;                               // lanes of one native vector
-  ConvTile conv[2];                               // [NV - 1], P = tiles.conv_pixels
-  WgradTile wgrad[2][2][kWgradMaxRows];           // [consecutive positions][NV - 1][R - 1]
-  PlanarTile planar[2][kPlanarMaxChannels];       // [NP - 1][O - 1]
-  PlanarWgradTile planar_wgrad[kPlanarWgradMaxChannels][kPlanarWgradMaxPositions];  // [O - 1][T - 1]
-};
-
-}  // namespace
-}  // namespace lightning_hw
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-namespace lightning_hw {
-namespace {
-namespace isa_avx512 {
-// 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2,
-// 4 channels x 6 positions.
-constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}, 4, 6};
-constexpr int kIsaVectorBytes = 64;
-#include "conv2d_kernels.h"
-}  // namespace isa_avx512
-}  // namespace
-}  // namespace lightning_hw
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace lightning_hw {
-namespace {
-namespace isa_avx2 {
-// 12 of 16 ymm as accumulators (a 64-byte vector is two ymm).
-constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}, 3, 3};
-constexpr int kIsaVectorBytes = 32;
-#include "conv2d_kernels.h"
-}  // namespace isa_avx2
-}  // namespace
-}  // namespace lightning_hw
-#pragma GCC pop_options
-
-namespace lightning_hw {
-namespace {
-namespace isa_baseline {
-// 8 to 12 of 16 xmm as accumulators (a 64-byte vector is four xmm); 9 for the
-// planar weight gradient, whose accumulators are single xmm.
-constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}, 3, 3};
-constexpr int kIsaVectorBytes = 16;
-#include "conv2d_kernels.h"
-}  // namespace isa_baseline
-
-// The best variant this CPU runs. LIGHTNING_HW_CPU_ISA=avx2|baseline forces a
-// lesser one (to test those code paths on an AVX-512 machine).
-template <typename scalar_t>
-const ConvKernels<scalar_t>& kernels() {
-  static const ConvKernels<scalar_t> chosen = [] {
-    const char* forced = std::getenv("LIGHTNING_HW_CPU_ISA");
-    const std::string want = forced ? forced : "";
-    __builtin_cpu_init();
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (want.empty() || want == "avx512")) return isa_avx512::conv_kernels<scalar_t>();
-    if (avx2 && want != "baseline") return isa_avx2::conv_kernels<scalar_t>();
-    return isa_baseline::conv_kernels<scalar_t>();
-  }();
-  return chosen;
-}
-
-template <typename scalar_t>
-constexpr int64_t lanes() {
-  return 64 / sizeof(scalar_t);
-}
-
-int64_t round_up(int64_t value, int64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // Scratch buffers for the re-laid-out activations, kept per calling thread and
 // reused from call to call. A fresh allocation above glibc's mmap threshold

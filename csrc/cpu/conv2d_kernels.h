@@ -1,8 +1,9 @@
-// Register-blocked inner loops of the direct convolution. No include guard on
-// purpose: conv2d.cpp includes this file once per instruction set, each time
+// Register-blocked inner loops of the direct convolution (and of linear_relu's
+// small GEMMs, which are 1x1 convolutions). No include guard on purpose:
+// tile_kernels.cpp includes this file once per instruction set, each time
 // inside its own namespace and `#pragma GCC target` region, so the same source
 // becomes an AVX-512, an AVX2 and a baseline (SSE2) variant, picked at run time.
-// Everything this file needs is included by conv2d.cpp before it.
+// Everything this file needs is included by tile_kernels.cpp before it.
 
 // The kernels work on 64-byte vectors of channels or pixels (16 floats / 8
 // doubles: the unit of the packed layouts), each held as 64 / kIsaVectorBytes

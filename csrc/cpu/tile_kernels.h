@@ -1,0 +1,83 @@
+// Register-tile kernels shared by the CPU ops (conv2d, linear_relu): their
+// table, the tile sizes of each instruction set, and the run-time choice of
+// the best variant this CPU runs. The kernels themselves are in
+// conv2d_kernels.h, compiled once per instruction set in tile_kernels.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace lightning_hw {
+namespace cpu {
+
+// Largest register tiles of any instruction set (sizes of tables and local
+// buffers). Each variant picks its own sizes, see IsaTiles.
+constexpr int kConvPixels = 12;
+constexpr int kWgradMaxRows = 12;
+constexpr int kPlanarMaxChannels = 8;
+constexpr int kPlanarWgradMaxChannels = 4;
+constexpr int kPlanarWgradMaxPositions = 6;
+
+// Register tile sizes of one instruction set. A 64-byte vector is one zmm
+// register, two ymm or four xmm; the accumulators must fit in the register
+// file (32 zmm, 16 ymm, 16 xmm) with room left for the operands, else every
+// FMA goes through the stack.
+struct IsaTiles {
+  int conv_pixels;              // output pixels per conv tile (NV = 1 and 2)
+  int wgrad_rows[2];            // [NV - 1] most positions per weight-gradient tile
+  int planar_channels[2];       // [NP - 1] most output channels per planar tile
+  int planar_wgrad_channels;    // output channels x positions per planar weight-gradient tile
+  int planar_wgrad_positions;
+};
+
+template <typename scalar_t>
+struct WgradRows {
+  const scalar_t* input;        // zero-padded NHWC input, group channel offset applied
+  const scalar_t* grad_output;  // NHWC grad_output, group and channel-block offset applied
+  int64_t row_begin, row_end;   // rows of the flattened (image, output row) index
+  int64_t out_h, out_w;
+  int64_t input_image_stride, input_row_stride, input_pixel_stride;  // per image / output row / output pixel
+  int64_t grad_image_stride, grad_row_stride, grad_pixel_stride;
+};
+
+template <typename scalar_t>
+struct ConvKernels {
+  using ConvTile = void (*)(
+      const scalar_t* const*, const int64_t*, int64_t, int64_t, const scalar_t*, const scalar_t*,
+      scalar_t*);
+  using WgradTile = void (*)(const WgradRows<scalar_t>&, const int64_t*, scalar_t*);
+  using PlanarTile = void (*)(
+      const scalar_t*, int64_t, const int64_t*, int64_t, int64_t, const scalar_t*, int64_t,
+      const scalar_t*, scalar_t*);
+  using PlanarWgradTile = void (*)(
+      const scalar_t*, int64_t, int64_t, const scalar_t*, int64_t, const int64_t*, int64_t, int64_t,
+      scalar_t*, int64_t);
+  IsaTiles tiles;
+  int native_lanes;                               // lanes of one native vector
+  ConvTile conv[2];                               // [NV - 1], P = tiles.conv_pixels
+  WgradTile wgrad[2][2][kWgradMaxRows];           // [consecutive positions][NV - 1][R - 1]
+  PlanarTile planar[2][kPlanarMaxChannels];       // [NP - 1][O - 1]
+  PlanarWgradTile planar_wgrad[kPlanarWgradMaxChannels][kPlanarWgradMaxPositions];  // [O - 1][T - 1]
+};
+
+// The best variant this CPU runs (float and double). LIGHTNING_HW_CPU_ISA=
+// avx2|baseline forces a lesser one (to test those code paths on an AVX-512
+// machine).
+template <typename scalar_t>
+const ConvKernels<scalar_t>& kernels();
+
+// Lanes of the 64-byte vector, the unit of the packed layouts.
+template <typename scalar_t>
+constexpr int64_t lanes() {
+  return 64 / sizeof(scalar_t);
+}
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+}  // namespace cpu
+}  // namespace lightning_hw
