@@ -55,7 +55,9 @@ using cpu::ConvKernels;
 using cpu::kConvPixels;
 using cpu::kPlanarMaxChannels;
 using cpu::WgradRows;
+using cpu::block_width;
 using cpu::ceil_div;
+using cpu::even_runs;
 using cpu::kernels;
 using cpu::lanes;
 using cpu::round_up;
@@ -237,13 +239,6 @@ struct PaddedPlanes {
     }
   }
 };
-
-// Output channels are processed in blocks of two vectors; the last block of a
-// group may be a single vector.
-template <typename scalar_t>
-int64_t block_width(int64_t out_per_group, int64_t block) {
-  return std::min<int64_t>(2 * lanes<scalar_t>(), round_up(out_per_group - block * 2 * lanes<scalar_t>(), lanes<scalar_t>()));
-}
 
 // Packs the (Cout, Cin/groups, KH, KW) contiguous weights as
 // packed[g][block][tap][c][width], block stride taps * reduce * 2 * lanes,
@@ -774,15 +769,6 @@ void weight_grad_impl(
       }
     }
   });
-}
-
-// Splits `count` items into ceil(count / most) runs of at most `most`, as even
-// as possible: (first, size) of each.
-std::vector<std::pair<int64_t, int64_t>> even_runs(int64_t count, int64_t most) {
-  const int64_t runs = ceil_div(count, most);
-  std::vector<std::pair<int64_t, int64_t>> out;
-  for (int64_t i = 0; i < runs; ++i) out.emplace_back(i * count / runs, (i + 1) * count / runs - i * count / runs);
-  return out;
 }
 
 // Weight gradient from planar rows: grad_output is read in place (NCHW) or, when

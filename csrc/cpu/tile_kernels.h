@@ -4,7 +4,10 @@
 // conv2d_kernels.h, compiled once per instruction set in tile_kernels.cpp.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace lightning_hw {
 namespace cpu {
@@ -77,6 +80,22 @@ inline int64_t round_up(int64_t value, int64_t multiple) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+// Output channels are processed in blocks of two vectors; the last block of a
+// group may be a single vector.
+template <typename scalar_t>
+inline int64_t block_width(int64_t out_per_group, int64_t block) {
+  return std::min<int64_t>(2 * lanes<scalar_t>(), round_up(out_per_group - block * 2 * lanes<scalar_t>(), lanes<scalar_t>()));
+}
+
+// Splits `count` items into ceil(count / most) runs of at most `most`, as even
+// as possible: (first, size) of each.
+inline std::vector<std::pair<int64_t, int64_t>> even_runs(int64_t count, int64_t most) {
+  const int64_t runs = ceil_div(count, most);
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t i = 0; i < runs; ++i) out.emplace_back(i * count / runs, (i + 1) * count / runs - i * count / runs);
+  return out;
 }
 
 }  // namespace cpu
