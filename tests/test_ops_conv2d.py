@@ -119,6 +119,8 @@ GEOMETRIES = [
     pytest.param((2, 4, 9, 16), (6, 2, 3, 3), 1, (1, 2), (1, 2), 2, id="planar-groups-dilated-in-place"),
     # Rows in several chunks per image, parts crossing image boundaries.
     pytest.param((2, 1, 80, 200), (8, 1, 4, 4), 1, 0, 1, 1, id="cin1-tall-chunks"),
+    # Planar tiles of several rows, the last overlapping its predecessor.
+    pytest.param((8, 3, 11, 20), (4, 3, 3, 3), 1, 1, 1, 1, id="planar-multi-row-overlap"),
 ]
 
 

@@ -448,7 +448,7 @@ void run_planar_conv(const PlanarConv<scalar_t>& a) {
   const int64_t max_channels = kern.tiles.planar_channels[a.out_w > L ? 1 : 0];
   const int64_t out_channels = a.groups * a.out_per_group;
   at::parallel_for(0, a.batch * a.groups * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t tile[kPlanarMaxChannels * 2 * L];
+    alignas(64) scalar_t tile[cpu::kPlanarMaxRows * kPlanarMaxChannels * 2 * L];
     at::Tensor keep_alive;
     // The last vector of a row may run 2 * lanes past the buffer's end: those
     // lanes are computed, never stored.
@@ -462,25 +462,34 @@ void run_planar_conv(const PlanarConv<scalar_t>& a) {
       const int64_t oh_end = std::min(a.out_h, oh_begin + block_rows);
       a.src.copy(n, g * a.reduce, a.reduce, oh_begin, oh_end - oh_begin + reach, buffer, a.src_w, channel_stride);
       const scalar_t* w = a.packed_weights + g * a.reduce * taps * a.out_per_group;
-      for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
-        const scalar_t* src = buffer + (oh - oh_begin) * a.src_w;
-        for (int64_t o0 = 0; o0 < a.out_per_group;) {
-          const int64_t count = std::min<int64_t>(max_channels, a.out_per_group - o0);
-          for (int64_t ow0 = 0; ow0 < a.out_w;) {
-            const int64_t vectors = a.out_w - ow0 > L ? 2 : 1;
-            kern.planar[vectors - 1][count - 1](
-                src + ow0, channel_stride, tap_offset.data(), taps, a.reduce, w + o0,
-                a.out_per_group, a.bias ? a.bias + g * a.out_per_group + o0 : nullptr, tile);
-            const int64_t valid = std::min(vectors * L, a.out_w - ow0);
-            for (int64_t o = 0; o < count; ++o) {
-              scalar_t* dst =
-                  a.out + ((n * out_channels + g * a.out_per_group + o0 + o) * a.out_h + oh) * a.out_w + ow0;
-              std::memcpy(dst, tile + o * vectors * L, valid * sizeof(scalar_t));
+      for (int64_t o0 = 0; o0 < a.out_per_group;) {
+        const int64_t count = std::min<int64_t>(max_channels, a.out_per_group - o0);
+        for (int64_t ow0 = 0; ow0 < a.out_w;) {
+          const int64_t vectors = a.out_w - ow0 > L ? 2 : 1;
+          const int64_t valid = std::min(vectors * L, a.out_w - ow0);
+          // Tiles of R rows; the last one may overlap its predecessor (rows
+          // recomputed, same values stored twice). Blocks shorter than R go
+          // row by row.
+          const int64_t R = kern.planar_rows[vectors - 1][count - 1];
+          const bool multi = oh_end - oh_begin >= R;
+          const auto planar = multi ? kern.planar[vectors - 1][count - 1] : kern.planar_one_row[vectors - 1][count - 1];
+          const int64_t step = multi ? R : 1;
+          for (int64_t oh_next = oh_begin; oh_next < oh_end; oh_next += step) {
+            const int64_t oh = std::min(oh_next, oh_end - step);
+            planar(
+                buffer + (oh - oh_begin) * a.src_w + ow0, a.src_w, channel_stride, tap_offset.data(), taps,
+                a.reduce, w + o0, a.out_per_group, a.bias ? a.bias + g * a.out_per_group + o0 : nullptr, tile);
+            for (int64_t r = 0; r < step; ++r) {
+              for (int64_t o = 0; o < count; ++o) {
+                scalar_t* dst = a.out +
+                                ((n * out_channels + g * a.out_per_group + o0 + o) * a.out_h + oh + r) * a.out_w + ow0;
+                std::memcpy(dst, tile + (r * count + o) * vectors * L, valid * sizeof(scalar_t));
+              }
             }
-            ow0 += valid;
           }
-          o0 += count;
+          ow0 += valid;
         }
+        o0 += count;
       }
     }
   });

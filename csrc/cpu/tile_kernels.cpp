@@ -16,9 +16,9 @@ namespace lightning_hw {
 namespace cpu {
 namespace {
 namespace isa_avx512 {
-// 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2,
-// 4 channels x 6 positions.
-constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}, 4, 6};
+// 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2
+// (or rows x channels x vectors up to 24), 4 channels x 6 positions.
+constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}, 24, 4, 6};
 constexpr int kIsaVectorBytes = 64;
 #include "conv2d_kernels.h"
 }  // namespace isa_avx512
@@ -33,8 +33,9 @@ namespace lightning_hw {
 namespace cpu {
 namespace {
 namespace isa_avx2 {
-// 12 of 16 ymm as accumulators (a 64-byte vector is two ymm).
-constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}, 3, 3};
+// 12 of 16 ymm as accumulators (a 64-byte vector is two ymm); 9 for the planar
+// weight gradient, whose accumulators are single ymm.
+constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}, 12, 3, 3};
 constexpr int kIsaVectorBytes = 32;
 #include "conv2d_kernels.h"
 }  // namespace isa_avx2
@@ -49,7 +50,7 @@ namespace {
 namespace isa_baseline {
 // 8 to 12 of 16 xmm as accumulators (a 64-byte vector is four xmm); 9 for the
 // planar weight gradient, whose accumulators are single xmm.
-constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}, 3, 3};
+constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}, 12, 3, 3};
 constexpr int kIsaVectorBytes = 16;
 #include "conv2d_kernels.h"
 }  // namespace isa_baseline

@@ -17,6 +17,7 @@ namespace cpu {
 constexpr int kConvPixels = 12;
 constexpr int kWgradMaxRows = 12;
 constexpr int kPlanarMaxChannels = 8;
+constexpr int kPlanarMaxRows = 4;
 constexpr int kPlanarWgradMaxChannels = 4;
 constexpr int kPlanarWgradMaxPositions = 6;
 
@@ -28,6 +29,7 @@ struct IsaTiles {
   int conv_pixels;              // output pixels per conv tile (NV = 1 and 2)
   int wgrad_rows[2];            // [NV - 1] most positions per weight-gradient tile
   int planar_channels[2];       // [NP - 1] most output channels per planar tile
+  int planar_accumulators;      // native vectors of accumulators in a planar tile (rows x channels)
   int planar_wgrad_channels;    // output channels x positions per planar weight-gradient tile
   int planar_wgrad_positions;
 };
@@ -49,7 +51,7 @@ struct ConvKernels {
       scalar_t*);
   using WgradTile = void (*)(const WgradRows<scalar_t>&, const int64_t*, scalar_t*);
   using PlanarTile = void (*)(
-      const scalar_t*, int64_t, const int64_t*, int64_t, int64_t, const scalar_t*, int64_t,
+      const scalar_t*, int64_t, int64_t, const int64_t*, int64_t, int64_t, const scalar_t*, int64_t,
       const scalar_t*, scalar_t*);
   using PlanarWgradTile = void (*)(
       const scalar_t*, int64_t, int64_t, const scalar_t*, int64_t, const int64_t*, int64_t, int64_t,
@@ -58,7 +60,9 @@ struct ConvKernels {
   int native_lanes;                               // lanes of one native vector
   ConvTile conv[2];                               // [NV - 1], P = tiles.conv_pixels
   WgradTile wgrad[2][2][kWgradMaxRows];           // [consecutive positions][NV - 1][R - 1]
-  PlanarTile planar[2][kPlanarMaxChannels];       // [NP - 1][O - 1]
+  PlanarTile planar[2][kPlanarMaxChannels];       // [NP - 1][O - 1], planar_rows rows
+  int planar_rows[2][kPlanarMaxChannels];
+  PlanarTile planar_one_row[2][kPlanarMaxChannels];  // the same for a single row
   PlanarWgradTile planar_wgrad[kPlanarWgradMaxChannels][kPlanarWgradMaxPositions];  // [O - 1][T - 1]
 };
 
