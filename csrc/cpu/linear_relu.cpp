@@ -205,6 +205,7 @@ at::Tensor linear_relu_cpu(
 // grad_pre = grad_output * (output > 0), written in place of a fresh buffer, and
 // the bias gradient as its column sums. Columns are split between threads so
 // each sum is owned by one thread and summed in a fixed order (deterministic).
+// The sums of a column block run in a local array (no aliasing with the rows).
 template <typename scalar_t>
 void relu_mask_and_bias_grad(
     const scalar_t* grad_output,
@@ -216,17 +217,24 @@ void relu_mask_and_bias_grad(
   constexpr int64_t kColumnBlock = 64;
   const int64_t column_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
   at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = begin * kColumnBlock;
-    const int64_t c1 = std::min(cols, end * kColumnBlock);
-    if (grad_bias != nullptr) std::fill(grad_bias + c0, grad_bias + c1, scalar_t(0));
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* g = grad_output + r * cols;
-      const scalar_t* o = output + r * cols;
-      scalar_t* p = grad_pre + r * cols;
-      for (int64_t c = c0; c < c1; ++c) p[c] = o[c] > scalar_t(0) ? g[c] : scalar_t(0);
-      if (grad_bias != nullptr) {
-        for (int64_t c = c0; c < c1; ++c) grad_bias[c] += p[c];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * kColumnBlock;
+      const int64_t width = std::min(kColumnBlock, cols - c0);
+      scalar_t sums[kColumnBlock] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* __restrict g = grad_output + r * cols + c0;
+        const scalar_t* __restrict o = output + r * cols + c0;
+        scalar_t* __restrict p = grad_pre + r * cols + c0;
+        for (int64_t c = 0; c < width; ++c) {
+          // Both loads unconditional, so the select compiles to a vector blend
+          // instead of a branch on the data.
+          const scalar_t gv = g[c], ov = o[c];
+          const scalar_t masked = ov > scalar_t(0) ? gv : scalar_t(0);
+          p[c] = masked;
+          sums[c] += masked;
+        }
       }
+      if (grad_bias != nullptr) std::copy(sums, sums + width, grad_bias + c0);
     }
   });
 }
