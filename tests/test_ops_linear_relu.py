@@ -61,7 +61,8 @@ def check_against_torch(x, w, b, dtype):
         ((256, 841), 841, 29),
         ((50, 96), 96, 64),
         ((13, 40), 40, 40),
-        ((9, 33), 33, 65),  # just past the tile limit: BLAS
+        ((9, 33), 33, 65),  # wide and few rows: BLAS
+        ((600, 40), 40, 70),  # wide with many rows: tiles again
     ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])

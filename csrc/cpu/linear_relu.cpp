@@ -20,16 +20,20 @@ namespace {
 
 constexpr at::ScalarType kCpuDtypes[] = {at::kFloat, at::kDouble};
 
-// Layers with at most this many output features take the tile kernels (two
-// 64-byte vectors of outputs per tile, the reduction over in_features in one
-// pass), as long as a packed block of weights (in_features x two vectors)
-// stays within half of L2.
+// Which GEMMs take the tile kernels (two 64-byte vectors of outputs per tile,
+// the reduction over in_features in one pass, so a packed block of weights,
+// in_features x two vectors, must stay within half of L2): narrow layers
+// (few output features, as a classifier head) always, where BLAS is at its
+// weakest; wider ones when there are enough rows to repay re-packing the
+// weights on every call (measured in benchmarks/NOTES.md: 3072->128 on 1000
+// rows runs 1.7x faster than BLAS, 3072->900 on 200 rows 0.9x).
 constexpr int64_t kTileMaxOutFeatures = 64;
+constexpr int64_t kTileMinRows = 512;
 constexpr int64_t kTileMaxBlockBytes = int64_t(1) << 19;
 
 template <typename scalar_t>
-bool use_tiles(int64_t in_features, int64_t out_features) {
-  return out_features <= kTileMaxOutFeatures &&
+bool use_tiles(int64_t rows, int64_t in_features, int64_t out_features) {
+  return rows > 0 && (out_features <= kTileMaxOutFeatures || rows >= kTileMinRows) &&
          in_features * 2 * cpu::lanes<scalar_t>() * int64_t(sizeof(scalar_t)) <= kTileMaxBlockBytes;
 }
 
@@ -179,7 +183,7 @@ at::Tensor linear_relu_cpu(
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
     const scalar_t* bias_data = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    if (use_tiles<scalar_t>(in_features, out_features) && input_2d.size(0) > 0) {
+    if (use_tiles<scalar_t>(input_2d.size(0), in_features, out_features)) {
       const at::Tensor x = input_2d.contiguous();
       const at::Tensor w = weight.contiguous();
       const scalar_t* wd = w.const_data_ptr<scalar_t>();
@@ -269,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
         grad_2d.const_data_ptr<scalar_t>(), out_2d.const_data_ptr<scalar_t>(),
         grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr,
         rows, out_features);
-    if (!use_tiles<scalar_t>(in_features, out_features) || rows == 0) {
+    if (!use_tiles<scalar_t>(rows, in_features, out_features)) {
       if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
       if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), input.reshape({-1, in_features}));
       return;
