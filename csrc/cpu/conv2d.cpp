@@ -79,7 +79,8 @@ enum WorkspaceSlot {
   kPaddedInputSlot = 2,
   kRowsSlot = 3,       // per-thread rows of the planar kernels
   kGradRowsSlot = 4,   // per-thread grad_output rows of the planar weight gradient
-  kSlotCount = 5
+  kPartialSlot = 5,    // partial sums of the weight gradient
+  kSlotCount = 6
 };
 constexpr int64_t kWorkspaceCacheLimit = int64_t(64) << 20;
 
@@ -716,8 +717,9 @@ void weight_grad_impl(
   // into L2 serves as many items as possible.
   const int64_t item_blocks = std::min<int64_t>(items, at::get_num_threads());
   const int64_t part_size = s.groups * blocks * block_size;
-  at::Tensor partial = at::zeros({parts * part_size}, input4.options());
-  scalar_t* partial_data = partial.mutable_data_ptr<scalar_t>();
+  at::Tensor partial_keep;
+  scalar_t* partial_data = workspace<scalar_t>(kPartialSlot, parts * part_size, partial_keep);
+  std::fill(partial_data, partial_data + parts * part_size, scalar_t(0));
   const scalar_t* x = input_padded;
   const scalar_t* gy = grad_nhwc;
   const int64_t grad_channels = s.groups * cout_g_padded;
@@ -787,10 +789,16 @@ void weight_grad_impl(
 // image (both buffers stay in L2). The rows are split into a number of parts
 // fixed by the shape; each part sums into its own vectors, and the parts and
 // then the lanes are added in order: bitwise reproducible whatever the thread
-// count.
+// count. The bias gradient is one more position per group whose input rows
+// are all ones: with both wanted, grad_output is read once for the two (and
+// the bias sums come out the same, bit for bit, with or without the weights).
 template <typename scalar_t>
 void planar_weight_grad_impl(
-    const at::Tensor& input4, const at::Tensor& grad4, const Conv2dShape& s, at::Tensor& grad_weight) {
+    const at::Tensor& input4,
+    const at::Tensor& grad4,
+    const Conv2dShape& s,
+    at::Tensor* grad_weight,
+    at::Tensor* grad_bias) {
   constexpr int64_t L = lanes<scalar_t>();
   const ConvKernels<scalar_t>& kern = kernels<scalar_t>();
   const int64_t NL = kern.native_lanes;
@@ -799,33 +807,42 @@ void planar_weight_grad_impl(
   const int64_t reach = (s.kernel_h - 1) * s.dilation_h;
   const int64_t cin_g = s.in_channels_per_group(), cout_g = s.out_channels_per_group();
   const int64_t taps = s.kernel_h * s.kernel_w;
-  const int64_t positions = cin_g * taps;  // q = ci * taps + tap, as grad_weight stores them
+  const int64_t weight_positions = grad_weight != nullptr ? cin_g * taps : 0;  // q = ci * taps + tap
+  const int64_t positions = weight_positions + (grad_bias != nullptr ? 1 : 0);  // then the bias
   const bool grad_in_place = grad4.stride(3) == 1 && s.out_w % L == 0;
   // Rows per chunk: grad_output and input rows within ~256 KiB.
   const int64_t chunk_bytes = int64_t(1) << 18;
-  const int64_t per_row = (s.out_channels * row_w + s.in_channels * x_w) * int64_t(sizeof(scalar_t));
+  const int64_t x_channels = s.in_channels + 1;  // the input's, then one of ones
+  const int64_t per_row = (s.out_channels * row_w + x_channels * x_w) * int64_t(sizeof(scalar_t));
   const int64_t chunk_rows = std::clamp<int64_t>(
-      (chunk_bytes - s.in_channels * reach * x_w * int64_t(sizeof(scalar_t))) / per_row, 1, s.out_h);
+      (chunk_bytes - x_channels * reach * x_w * int64_t(sizeof(scalar_t))) / per_row, 1, s.out_h);
   const int64_t x_channel_stride = (chunk_rows + reach) * x_w;
   const int64_t g_buffer_channel_stride = chunk_rows * row_w;
-  std::vector<int64_t> x_offset(positions);
-  for (int64_t ci = 0; ci < cin_g; ++ci)
-    for (int64_t k = 0; k < taps; ++k)
-      x_offset[ci * taps + k] =
-          ci * x_channel_stride + (k / s.kernel_w) * s.dilation_h * x_w + (k % s.kernel_w) * s.dilation_w;
+  // Offsets of each group's positions from the start of the input rows.
+  std::vector<int64_t> x_offset(s.groups * positions);
+  for (int64_t grp = 0; grp < s.groups; ++grp) {
+    int64_t* offset = &x_offset[grp * positions];
+    for (int64_t ci = 0; ci < weight_positions / taps; ++ci)
+      for (int64_t k = 0; k < taps; ++k)
+        offset[ci * taps + k] = (grp * cin_g + ci) * x_channel_stride +
+                                (k / s.kernel_w) * s.dilation_h * x_w + (k % s.kernel_w) * s.dilation_w;
+    if (grad_bias != nullptr) offset[weight_positions] = s.in_channels * x_channel_stride;
+  }
   const auto channel_blocks = even_runs(cout_g, kern.tiles.planar_wgrad_channels);
   const auto position_tiles = even_runs(positions, kern.tiles.planar_wgrad_positions);
 
   const int64_t rows = s.batch * s.out_h;
   const int64_t parts = std::clamp<int64_t>(ceil_div(rows, 64), 1, 16);
   const int64_t outputs = s.out_channels * positions;
-  at::Tensor partial = at::zeros({parts * outputs * NL}, input4.options());
-  scalar_t* partial_data = partial.mutable_data_ptr<scalar_t>();
+  at::Tensor partial_keep;
+  scalar_t* partial_data = workspace<scalar_t>(kPartialSlot, parts * outputs * NL, partial_keep);
+  std::fill(partial_data, partial_data + parts * outputs * NL, scalar_t(0));
   const PaddedPlanes<scalar_t> x_src(input4, s.pad_top, s.pad_left, 1, 1);
   const PaddedPlanes<scalar_t> g_src(grad4, 0, 0, 1, 1);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     at::Tensor x_keep, g_keep;
-    scalar_t* x_buffer = workspace<scalar_t>(kRowsSlot, s.in_channels * x_channel_stride, x_keep);
+    scalar_t* x_buffer = workspace<scalar_t>(kRowsSlot, x_channels * x_channel_stride, x_keep);
+    std::fill(x_buffer + s.in_channels * x_channel_stride, x_buffer + x_channels * x_channel_stride, scalar_t(1));
     scalar_t* g_buffer = grad_in_place
         ? nullptr
         : workspace<scalar_t>(kGradRowsSlot, s.out_channels * g_buffer_channel_stride, g_keep);
@@ -835,7 +852,7 @@ void planar_weight_grad_impl(
       for (int64_t row = part * rows / parts; row < row_end;) {
         const int64_t n = row / s.out_h, oh = row % s.out_h;
         const int64_t count = std::min({chunk_rows, s.out_h - oh, row_end - row});
-        x_src.copy(n, 0, s.in_channels, oh, count + reach, x_buffer, x_w, x_channel_stride);
+        if (grad_weight != nullptr) x_src.copy(n, 0, s.in_channels, oh, count + reach, x_buffer, x_w, x_channel_stride);
         const scalar_t* g;
         int64_t g_row_stride, g_channel_stride;
         if (grad_in_place) {
@@ -854,7 +871,7 @@ void planar_weight_grad_impl(
             for (const auto& [q0, count_q] : position_tiles) {
               kern.planar_wgrad[channels - 1][count_q - 1](
                   g + co * g_channel_stride, g_row_stride, g_channel_stride,
-                  x_buffer + grp * cin_g * x_channel_stride, x_w, &x_offset[q0], count, row_w / NL,
+                  x_buffer, x_w, &x_offset[grp * positions + q0], count, row_w / NL,
                   acc + (co * positions + q0) * NL, positions * NL);
             }
           }
@@ -864,8 +881,10 @@ void planar_weight_grad_impl(
     }
   });
 
-  // grad_weight (Cout, Cin/groups, KH, KW) is [co][q]: sum the parts, then the lanes, in order.
-  scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+  // grad_weight (Cout, Cin/groups, KH, KW) is [co][q < weight_positions]; the
+  // bias position follows. Sum the parts, then the lanes, in order.
+  scalar_t* gw = grad_weight != nullptr ? grad_weight->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gb = grad_bias != nullptr ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       scalar_t sum = 0;
@@ -873,7 +892,12 @@ void planar_weight_grad_impl(
         const scalar_t* v = partial_data + (part * outputs + i) * NL;
         for (int64_t lane = 0; lane < NL; ++lane) sum += v[lane];
       }
-      gw[i] = sum;
+      const int64_t co = i / positions, q = i % positions;
+      if (q < weight_positions) {
+        gw[co * weight_positions + q] = sum;
+      } else {
+        gb[co] = sum;
+      }
     }
   });
 }
@@ -941,9 +965,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     // The shapes of the planar forward (few channels) take the planar weight
     // gradient too: there grad_output in NHWC would be mostly padding lanes,
     // and its copy would cost more than the arithmetic.
-    if (output_mask[1] && planar_forward<scalar_t>(s)) {
-      planar_weight_grad_impl<scalar_t>(input4, grad4, s, grad_weight);
-    } else if (output_mask[1]) {
+    if ((output_mask[1] || output_mask[2]) && planar_forward<scalar_t>(s)) {
+      planar_weight_grad_impl<scalar_t>(
+          input4, grad4, s, output_mask[1] ? &grad_weight : nullptr, output_mask[2] ? &grad_bias : nullptr);
+      return;
+    }
+    if (output_mask[1]) {
       const int64_t cout_g_padded = round_up(s.out_channels_per_group(), lanes<scalar_t>());
       at::Tensor keep_alive;
       const scalar_t* grad_nhwc = grad_output_nhwc<scalar_t>(grad4, s, cout_g_padded, keep_alive);
