@@ -61,8 +61,10 @@ def check_against_torch(x, w, b, dtype):
         ((256, 841), 841, 29),
         ((50, 96), 96, 64),
         ((13, 40), 40, 40),
-        ((9, 33), 33, 65),  # wide and few rows: BLAS
-        ((600, 40), 40, 70),  # wide with many rows: tiles again
+        ((9, 33), 33, 65),  # wide and few rows: BLAS both ways
+        ((40, 50), 50, 70),  # wide, some rows: BLAS forward, tiles backward
+        ((600, 40), 40, 70),  # wide with many rows: tiles both ways
+        ((64, 8200), 8200, 70),  # weight block past L2: BLAS forward, tiles backward
     ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])

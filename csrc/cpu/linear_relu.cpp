@@ -20,38 +20,55 @@ namespace {
 
 constexpr at::ScalarType kCpuDtypes[] = {at::kFloat, at::kDouble};
 
-// Which GEMMs take the tile kernels (two 64-byte vectors of outputs per tile,
-// the reduction over in_features in one pass, so a packed block of weights,
-// in_features x two vectors, must stay within half of L2): narrow layers
-// (few output features, as a classifier head) always, where BLAS is at its
-// weakest; wider ones when there are enough rows to repay re-packing the
-// weights on every call (measured in benchmarks/NOTES.md: 3072->128 on 1000
-// rows runs 1.7x faster than BLAS, 3072->900 on 200 rows 0.9x).
+// Which GEMMs take the tile kernels (rows x two vectors of columns per tile,
+// the whole reduction in one pass, so a packed block of weights, reduce x two
+// vectors, must fit in L2): narrow layers (few output features, as a
+// classifier head) always, where BLAS is at its weakest; wider ones once there
+// are enough rows to repay re-packing the weights on every call. The forward
+// packs a transposed copy, the input gradient a plain one, so the forward
+// needs more rows. Measured in benchmarks/NOTES.md (step 9).
 constexpr int64_t kTileMaxOutFeatures = 64;
-constexpr int64_t kTileMinRows = 512;
-constexpr int64_t kTileMaxBlockBytes = int64_t(1) << 19;
+constexpr int64_t kTileMinRowsForward = 64;
+constexpr int64_t kTileMinRowsBackward = 32;
+constexpr int64_t kTileMaxBlockBytes = int64_t(1) << 20;
 
 template <typename scalar_t>
-bool use_tiles(int64_t rows, int64_t in_features, int64_t out_features) {
-  return rows > 0 && (out_features <= kTileMaxOutFeatures || rows >= kTileMinRows) &&
-         in_features * 2 * cpu::lanes<scalar_t>() * int64_t(sizeof(scalar_t)) <= kTileMaxBlockBytes;
+bool use_tiles(int64_t rows, int64_t reduce, int64_t out_features, int64_t min_rows) {
+  return rows > 0 && (out_features <= kTileMaxOutFeatures || rows >= min_rows) &&
+         reduce * 2 * cpu::lanes<scalar_t>() * int64_t(sizeof(scalar_t)) <= kTileMaxBlockBytes;
 }
 
-// Packs the columns of a row-major (reduce x width_total) matrix, read through
-// `at(c, j)`, into blocks of two vectors: packed[block][c][width], lanes past
-// width_total zero. This is the layout conv_tile reads its weights in.
-template <typename scalar_t, typename At>
-std::vector<scalar_t> pack_columns(int64_t reduce, int64_t width_total, At at) {
+// Packs a (reduce x width_total) matrix, element (c, j) at
+// src[c * c_stride + j * j_stride], into blocks of two vectors of columns:
+// packed[block][c][width], lanes past width_total zero. This is the layout
+// conv_tile reads its weights in. Blocks are packed in parallel; a transposing
+// pack (j_stride > 1) goes 16 reduced indices at a time, so that it reads
+// whole cache lines and its writes stay in L1.
+template <typename scalar_t>
+std::vector<scalar_t> pack_columns(
+    const scalar_t* src, int64_t reduce, int64_t width_total, int64_t c_stride, int64_t j_stride) {
   constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
+  constexpr int64_t kStep = 16;
   const int64_t blocks = cpu::ceil_div(width_total, L2);
   std::vector<scalar_t> packed(blocks * reduce * L2, scalar_t(0));
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t width = cpu::block_width<scalar_t>(width_total, b);
-    scalar_t* dst = packed.data() + b * reduce * L2;
-    for (int64_t c = 0; c < reduce; ++c)
-      for (int64_t lane = 0; lane < width && b * L2 + lane < width_total; ++lane)
-        dst[c * width + lane] = at(c, b * L2 + lane);
-  }
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t width = cpu::block_width<scalar_t>(width_total, b);
+      const int64_t valid = std::min(width, width_total - b * L2);
+      scalar_t* dst = packed.data() + b * reduce * L2;
+      const scalar_t* col = src + b * L2 * j_stride;
+      if (j_stride == 1) {
+        for (int64_t c = 0; c < reduce; ++c)
+          for (int64_t lane = 0; lane < valid; ++lane) dst[c * width + lane] = col[c * c_stride + lane];
+      } else {
+        for (int64_t c0 = 0; c0 < reduce; c0 += kStep) {
+          const int64_t c1 = std::min(reduce, c0 + kStep);
+          for (int64_t lane = 0; lane < valid; ++lane)
+            for (int64_t c = c0; c < c1; ++c) dst[c * width + lane] = col[c * c_stride + lane * j_stride];
+        }
+      }
+    }
+  });
   return packed;
 }
 
@@ -183,16 +200,14 @@ at::Tensor linear_relu_cpu(
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
     const scalar_t* bias_data = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    if (use_tiles<scalar_t>(input_2d.size(0), in_features, out_features)) {
+    if (use_tiles<scalar_t>(input_2d.size(0), in_features, out_features, kTileMinRowsForward)) {
       const at::Tensor x = input_2d.contiguous();
       const at::Tensor w = weight.contiguous();
-      const scalar_t* wd = w.const_data_ptr<scalar_t>();
       // Columns are output features: packed[c][o] = weight[o][c].
-      const auto packed = pack_columns<scalar_t>(
-          in_features, out_features, [&](int64_t c, int64_t o) { return wd[o * in_features + c]; });
+      const auto packed =
+          pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), in_features, out_features, 1, in_features);
       std::vector<scalar_t> init;
-      if (bias_data != nullptr)
-        init = pack_columns<scalar_t>(1, out_features, [&](int64_t, int64_t o) { return bias_data[o]; });
+      if (bias_data != nullptr) init = pack_columns<scalar_t>(bias_data, 1, out_features, 0, 1);
       out = at::empty({x.size(0), out_features}, x.options());
       tile_gemm<scalar_t>(
           x.const_data_ptr<scalar_t>(), x.size(0), in_features, packed,
@@ -273,7 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
         grad_2d.const_data_ptr<scalar_t>(), out_2d.const_data_ptr<scalar_t>(),
         grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr,
         rows, out_features);
-    if (!use_tiles<scalar_t>(rows, in_features, out_features)) {
+    // The input gradient's tiles reduce over the output features.
+    if (!use_tiles<scalar_t>(rows, out_features, out_features, kTileMinRowsBackward)) {
       if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
       if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), input.reshape({-1, in_features}));
       return;
@@ -281,11 +297,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     const scalar_t* gp = grad_pre.const_data_ptr<scalar_t>();
     if (output_mask[0]) {
       const at::Tensor w = weight.contiguous();
-      const scalar_t* wd = w.const_data_ptr<scalar_t>();
       // Columns are input features, the reduction runs over output features:
       // packed[o][i] = weight[o][i].
-      const auto packed = pack_columns<scalar_t>(
-          out_features, in_features, [&](int64_t o, int64_t i) { return wd[o * in_features + i]; });
+      const auto packed =
+          pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), out_features, in_features, in_features, 1);
       grad_input = at::empty(input.sizes(), options);
       tile_gemm<scalar_t>(
           gp, rows, out_features, packed, nullptr, in_features, /*relu=*/false,
