@@ -47,6 +47,7 @@
 #include "checks.h"
 #include "conv2d_geometry.h"
 #include "cpu/tile_kernels.h"
+#include "cpu/workspace.h"
 
 namespace lightning_hw {
 namespace {
@@ -61,43 +62,13 @@ using cpu::even_runs;
 using cpu::kernels;
 using cpu::lanes;
 using cpu::round_up;
+using cpu::workspace;
+using namespace cpu::workspace_slots;
 
 // Longest reduction (channels x taps per output) sent to the planar path even
 // with many output channels; see use_planar.
 constexpr int64_t kPlanarMaxReduce = 64;
 
-
-// Scratch buffers for the re-laid-out activations, kept per calling thread and
-// reused from call to call. A fresh allocation above glibc's mmap threshold
-// (32 MiB) is new memory every time and pays a page fault and a page clear per
-// 4 KiB on first touch, which costs as much as the copy itself for the big
-// layers; training repeats the same shapes, so the buffers are simply reused.
-// Buffers over kWorkspaceCacheLimit bytes are not kept.
-enum WorkspaceSlot {
-  kSourceSlot = 0,
-  kGradOutputSlot = 1,
-  kPaddedInputSlot = 2,
-  kRowsSlot = 3,       // per-thread rows of the planar kernels
-  kGradRowsSlot = 4,   // per-thread grad_output rows of the planar weight gradient
-  kPartialSlot = 5,    // partial sums of the weight gradient
-  kSlotCount = 6
-};
-constexpr int64_t kWorkspaceCacheLimit = int64_t(64) << 20;
-
-template <typename scalar_t>
-scalar_t* workspace(WorkspaceSlot slot, int64_t elements, at::Tensor& keep_alive) {
-  thread_local std::array<at::Tensor, kSlotCount> cache;
-  const int64_t bytes = std::max<int64_t>(1, elements) * int64_t(sizeof(scalar_t));
-  if (bytes > kWorkspaceCacheLimit) {
-    keep_alive = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-    return reinterpret_cast<scalar_t*>(keep_alive.mutable_data_ptr());
-  }
-  at::Tensor& buffer = cache[slot];
-  if (!buffer.defined() || buffer.numel() < bytes)
-    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-  keep_alive = buffer;
-  return reinterpret_cast<scalar_t*>(buffer.mutable_data_ptr());
-}
 
 // Copies a 4-D (N, C, H, W) tensor of any strides into an NHWC buffer
 // dst[n][j][i][slot] of size (N, dst_h, dst_w, dst_channels). Source pixel

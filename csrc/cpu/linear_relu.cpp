@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/tile_kernels.h"
+#include "cpu/workspace.h"
 #include "linear_relu_geometry.h"
 
 namespace lightning_hw {
@@ -40,22 +41,29 @@ bool use_tiles(int64_t rows, int64_t reduce, int64_t out_features, int64_t min_r
 
 // Packs a (reduce x width_total) matrix, element (c, j) at
 // src[c * c_stride + j * j_stride], into blocks of two vectors of columns:
-// packed[block][c][width], lanes past width_total zero. This is the layout
-// conv_tile reads its weights in. Blocks are packed in parallel; a transposing
-// pack (j_stride > 1) goes 16 reduced indices at a time, so that it reads
-// whole cache lines and its writes stay in L1.
+// packed[block][c][width] (packed_size elements), lanes past width_total
+// zero. This is the layout conv_tile reads its weights in. Blocks are packed
+// in parallel; a transposing pack (j_stride > 1) goes 16 reduced indices at a
+// time, so that it reads whole cache lines and its writes stay in L1.
 template <typename scalar_t>
-std::vector<scalar_t> pack_columns(
-    const scalar_t* src, int64_t reduce, int64_t width_total, int64_t c_stride, int64_t j_stride) {
+int64_t packed_size(int64_t reduce, int64_t width_total) {
+  return cpu::ceil_div(width_total, 2 * cpu::lanes<scalar_t>()) * reduce * 2 * cpu::lanes<scalar_t>();
+}
+
+template <typename scalar_t>
+void pack_columns(
+    const scalar_t* src, int64_t reduce, int64_t width_total, int64_t c_stride, int64_t j_stride, scalar_t* packed) {
   constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
   constexpr int64_t kStep = 16;
   const int64_t blocks = cpu::ceil_div(width_total, L2);
-  std::vector<scalar_t> packed(blocks * reduce * L2, scalar_t(0));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t width = cpu::block_width<scalar_t>(width_total, b);
       const int64_t valid = std::min(width, width_total - b * L2);
-      scalar_t* dst = packed.data() + b * reduce * L2;
+      scalar_t* dst = packed + b * reduce * L2;
+      if (valid < width) {
+        for (int64_t c = 0; c < reduce; ++c) std::fill(dst + c * width + valid, dst + (c + 1) * width, scalar_t(0));
+      }
       const scalar_t* col = src + b * L2 * j_stride;
       if (j_stride == 1) {
         for (int64_t c = 0; c < reduce; ++c)
@@ -69,7 +77,6 @@ std::vector<scalar_t> pack_columns(
       }
     }
   });
-  return packed;
 }
 
 // out[r][j] = epilogue(init[j] + sum over c of a[r][c] * packed[c][j]) for a
@@ -81,7 +88,7 @@ void tile_gemm(
     const scalar_t* a,
     int64_t rows,
     int64_t reduce,
-    const std::vector<scalar_t>& packed,
+    const scalar_t* packed,
     const scalar_t* init,  // [blocks][2 * lanes] or null
     int64_t width_total,
     bool relu,
@@ -103,7 +110,7 @@ void tile_gemm(
         const int64_t width = cpu::block_width<scalar_t>(width_total, b);
         const int64_t valid = std::min(width, width_total - b * L2);
         kern.conv[width > L2 / 2 ? 1 : 0](
-            base, &tap_offset, 1, reduce, packed.data() + b * reduce * L2, init ? init + b * L2 : nullptr, tile);
+            base, &tap_offset, 1, reduce, packed + b * reduce * L2, init ? init + b * L2 : nullptr, tile);
         for (int64_t p = 0; p < tile_rows; ++p) {
           scalar_t* dst = out + (t * P + p) * width_total + b * L2;
           const scalar_t* src = tile + p * width;
@@ -204,10 +211,15 @@ at::Tensor linear_relu_cpu(
       const at::Tensor x = input_2d.contiguous();
       const at::Tensor w = weight.contiguous();
       // Columns are output features: packed[c][o] = weight[o][c].
-      const auto packed =
-          pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), in_features, out_features, 1, in_features);
+      at::Tensor keep_alive;
+      scalar_t* packed = cpu::workspace<scalar_t>(
+          cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(in_features, out_features), keep_alive);
+      pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), in_features, out_features, 1, in_features, packed);
       std::vector<scalar_t> init;
-      if (bias_data != nullptr) init = pack_columns<scalar_t>(bias_data, 1, out_features, 0, 1);
+      if (bias_data != nullptr) {
+        init.resize(packed_size<scalar_t>(1, out_features));
+        pack_columns<scalar_t>(bias_data, 1, out_features, 0, 1, init.data());
+      }
       out = at::empty({x.size(0), out_features}, x.options());
       tile_gemm<scalar_t>(
           x.const_data_ptr<scalar_t>(), x.size(0), in_features, packed,
@@ -299,8 +311,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
       const at::Tensor w = weight.contiguous();
       // Columns are input features, the reduction runs over output features:
       // packed[o][i] = weight[o][i].
-      const auto packed =
-          pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), out_features, in_features, in_features, 1);
+      at::Tensor keep_alive;
+      scalar_t* packed = cpu::workspace<scalar_t>(
+          cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(out_features, in_features), keep_alive);
+      pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), out_features, in_features, in_features, 1, packed);
       grad_input = at::empty(input.sizes(), options);
       tile_gemm<scalar_t>(
           gp, rows, out_features, packed, nullptr, in_features, /*relu=*/false,
