@@ -23,15 +23,15 @@ constexpr at::ScalarType kCpuDtypes[] = {at::kFloat, at::kDouble};
 
 // Which GEMMs take the tile kernels (rows x two vectors of columns per tile,
 // the whole reduction in one pass, so a packed block of weights, reduce x two
-// vectors, must fit in L2): narrow layers (few output features, as a
+// vectors, must stay within half of L2): narrow layers (few output features, as a
 // classifier head) always, where BLAS is at its weakest; wider ones once there
 // are enough rows to repay re-packing the weights on every call. The forward
 // packs a transposed copy, the input gradient a plain one, so the forward
-// needs more rows. Measured in benchmarks/NOTES.md (step 9).
+// needs more rows. Measured in benchmarks/NOTES.md (steps 9-10).
 constexpr int64_t kTileMaxOutFeatures = 64;
 constexpr int64_t kTileMinRowsForward = 64;
 constexpr int64_t kTileMinRowsBackward = 32;
-constexpr int64_t kTileMaxBlockBytes = int64_t(1) << 20;
+constexpr int64_t kTileMaxBlockBytes = int64_t(1) << 19;
 
 template <typename scalar_t>
 bool use_tiles(int64_t rows, int64_t reduce, int64_t out_features, int64_t min_rows) {
