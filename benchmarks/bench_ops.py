@@ -156,7 +156,10 @@ def main(argv=None):
         where = f"{torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}"
     else:
         where = f"CPU, {args.threads} threads, capability {torch.backends.cpu.get_cpu_capability()}"
-    print(f"# torch {torch.__version__}, {where}, {args.dtype}; best of {args.rounds} medians; x = torch time / our time")
+    print(
+        f"# torch {torch.__version__}, {where}, {args.dtype}; best of {args.rounds} medians; "
+        f"x = torch time / our time; load average {os.getloadavg()[0]:.2f} (other jobs distort the times)"
+    )
     print(f"{HEADER[0]:<26}" + "".join(f"{h:>14}" for h in HEADER[1:-1]) + f"{'GFLOP/s':>14}")
 
     rows = []

@@ -114,6 +114,13 @@ GEOMETRIES = [
     pytest.param((2, 12, 5, 21), (36, 4, 2, 5), (1, 3), 2, (2, 1), 3, id="groups3-wide"),
     pytest.param((1, 3, 4, 4), (2, 3, 4, 4), 1, 0, 1, 1, id="kernel-equals-input"),
     pytest.param((2, 2, 1, 1), (3, 2, 3, 3), 1, 1, 1, 1, id="1x1-input-padded"),
+    # Planar weight gradient reading grad_output rows in place (whole vectors wide).
+    pytest.param((2, 3, 10, 32), (32, 3, 3, 3), 1, 1, 1, 1, id="cifar-like-rows-in-place"),
+    pytest.param((2, 4, 9, 16), (6, 2, 3, 3), 1, (1, 2), (1, 2), 2, id="planar-groups-dilated-in-place"),
+    # Rows in several chunks per image, parts crossing image boundaries.
+    pytest.param((2, 1, 80, 200), (8, 1, 4, 4), 1, 0, 1, 1, id="cin1-tall-chunks"),
+    # Planar tiles of several rows, the last overlapping its predecessor.
+    pytest.param((8, 3, 11, 20), (4, 3, 3, 3), 1, 1, 1, 1, id="planar-multi-row-overlap"),
 ]
 
 
@@ -389,7 +396,8 @@ import torch, torch.nn.functional as F, lightning_hw.ops as ops
 torch.manual_seed(0)
 for xs, ws, kw in [((2, 3, 9, 9), (5, 3, 3, 3), dict(padding=1)),
                    ((2, 20, 8, 7), (40, 20, 3, 2), dict(stride=2, dilation=(1, 2))),
-                   ((2, 4, 8, 8), (4, 1, 3, 3), dict(padding="same", groups=4))]:
+                   ((2, 4, 8, 8), (4, 1, 3, 3), dict(padding="same", groups=4)),
+                   ((2, 3, 8, 16), (8, 3, 3, 3), dict(padding=1))]:
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(xs, dtype=dtype, requires_grad=True)
         w = torch.randn(ws, dtype=dtype, requires_grad=True)

@@ -28,8 +28,8 @@
 // block of weight-gradient tiles) for the weight gradient.
 //
 // The inner loops live in conv2d_kernels.h, compiled three times (AVX-512,
-// AVX2+FMA, baseline) and chosen at run time from the CPU's features, so the
-// default build stays portable.
+// AVX2+FMA, baseline) in tile_kernels.cpp and chosen at run time from the CPU's
+// features, so the default build stays portable.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -46,149 +46,29 @@
 
 #include "checks.h"
 #include "conv2d_geometry.h"
+#include "cpu/tile_kernels.h"
+#include "cpu/workspace.h"
 
 namespace lightning_hw {
 namespace {
 
-// Largest register tiles of any instruction set (sizes of tables and local
-// buffers). Each variant picks its own sizes, see IsaTiles.
-constexpr int kConvPixels = 12;
-constexpr int kWgradMaxRows = 12;
-constexpr int kPlanarMaxChannels = 8;
+using cpu::ConvKernels;
+using cpu::kConvPixels;
+using cpu::kPlanarMaxChannels;
+using cpu::WgradRows;
+using cpu::block_width;
+using cpu::ceil_div;
+using cpu::even_runs;
+using cpu::kernels;
+using cpu::lanes;
+using cpu::round_up;
+using cpu::workspace;
+using namespace cpu::workspace_slots;
 
 // Longest reduction (channels x taps per output) sent to the planar path even
 // with many output channels; see use_planar.
 constexpr int64_t kPlanarMaxReduce = 64;
 
-// Register tile sizes of one instruction set. A 64-byte vector is one zmm
-// register, two ymm or four xmm; the accumulators must fit in the register
-// file (32 zmm, 16 ymm, 16 xmm) with room left for the operands, else every
-// FMA goes through the stack.
-struct IsaTiles {
-  int conv_pixels;              // output pixels per conv tile (NV = 1 and 2)
-  int wgrad_rows[2];            // [NV - 1] most positions per weight-gradient tile
-  int planar_channels[2];       // [NP - 1] most output channels per planar tile
-};
-
-template <typename scalar_t>
-struct WgradRows {
-  const scalar_t* input;        // zero-padded NHWC input, group channel offset applied
-  const scalar_t* grad_output;  // NHWC grad_output, group and channel-block offset applied
-  int64_t row_begin, row_end;   // rows of the flattened (image, output row) index
-  int64_t out_h, out_w;
-  int64_t input_image_stride, input_row_stride, input_pixel_stride;  // per image / output row / output pixel
-  int64_t grad_image_stride, grad_row_stride, grad_pixel_stride;
-};
-
-template <typename scalar_t>
-struct ConvKernels {
-  using ConvTile = void (*)(
-      const scalar_t* const*, const int64_t*, int64_t, int64_t, const scalar_t*, const scalar_t*,
-      scalar_t*);
-  using WgradTile = void (*)(const WgradRows<scalar_t>&, const int64_t*, scalar_t*);
-  using PlanarTile = void (*)(
-      const scalar_t*, int64_t, const int64_t*, int64_t, int64_t, const scalar_t*, int64_t,
-      const scalar_t*, scalar_t*);
-  IsaTiles tiles;
-  ConvTile conv[2];                               // [NV - 1], P = tiles.conv_pixels
-  WgradTile wgrad[2][2][kWgradMaxRows];           // [consecutive positions][NV - 1][R - 1]
-  PlanarTile planar[2][kPlanarMaxChannels];       // [NP - 1][O - 1]
-};
-
-}  // namespace
-}  // namespace lightning_hw
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-namespace lightning_hw {
-namespace {
-namespace isa_avx512 {
-// 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2.
-constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}};
-constexpr int kIsaVectorBytes = 64;
-#include "conv2d_kernels.h"
-}  // namespace isa_avx512
-}  // namespace
-}  // namespace lightning_hw
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace lightning_hw {
-namespace {
-namespace isa_avx2 {
-// 12 of 16 ymm as accumulators (a 64-byte vector is two ymm).
-constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}};
-constexpr int kIsaVectorBytes = 32;
-#include "conv2d_kernels.h"
-}  // namespace isa_avx2
-}  // namespace
-}  // namespace lightning_hw
-#pragma GCC pop_options
-
-namespace lightning_hw {
-namespace {
-namespace isa_baseline {
-// 8 to 12 of 16 xmm as accumulators (a 64-byte vector is four xmm).
-constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}};
-constexpr int kIsaVectorBytes = 16;
-#include "conv2d_kernels.h"
-}  // namespace isa_baseline
-
-// The best variant this CPU runs. LIGHTNING_HW_CPU_ISA=avx2|baseline forces a
-// lesser one (to test those code paths on an AVX-512 machine).
-template <typename scalar_t>
-const ConvKernels<scalar_t>& kernels() {
-  static const ConvKernels<scalar_t> chosen = [] {
-    const char* forced = std::getenv("LIGHTNING_HW_CPU_ISA");
-    const std::string want = forced ? forced : "";
-    __builtin_cpu_init();
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (want.empty() || want == "avx512")) return isa_avx512::conv_kernels<scalar_t>();
-    if (avx2 && want != "baseline") return isa_avx2::conv_kernels<scalar_t>();
-    return isa_baseline::conv_kernels<scalar_t>();
-  }();
-  return chosen;
-}
-
-template <typename scalar_t>
-constexpr int64_t lanes() {
-  return 64 / sizeof(scalar_t);
-}
-
-int64_t round_up(int64_t value, int64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// Scratch buffers for the re-laid-out activations, kept per calling thread and
-// reused from call to call. A fresh allocation above glibc's mmap threshold
-// (32 MiB) is new memory every time and pays a page fault and a page clear per
-// 4 KiB on first touch, which costs as much as the copy itself for the big
-// layers; training repeats the same shapes, so the buffers are simply reused.
-// Buffers over kWorkspaceCacheLimit bytes are not kept.
-enum WorkspaceSlot { kSourceSlot = 0, kGradOutputSlot = 1, kPaddedInputSlot = 2, kSlotCount = 3 };
-constexpr int64_t kWorkspaceCacheLimit = int64_t(64) << 20;
-
-template <typename scalar_t>
-scalar_t* workspace(WorkspaceSlot slot, int64_t elements, at::Tensor& keep_alive) {
-  thread_local std::array<at::Tensor, kSlotCount> cache;
-  const int64_t bytes = std::max<int64_t>(1, elements) * int64_t(sizeof(scalar_t));
-  if (bytes > kWorkspaceCacheLimit) {
-    keep_alive = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-    return reinterpret_cast<scalar_t*>(keep_alive.mutable_data_ptr());
-  }
-  at::Tensor& buffer = cache[slot];
-  if (!buffer.defined() || buffer.numel() < bytes)
-    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-  keep_alive = buffer;
-  return reinterpret_cast<scalar_t*>(buffer.mutable_data_ptr());
-}
 
 // Copies a 4-D (N, C, H, W) tensor of any strides into an NHWC buffer
 // dst[n][j][i][slot] of size (N, dst_h, dst_w, dst_channels). Source pixel
@@ -274,50 +154,63 @@ void fill_nhwc(
   });
 }
 
-// Copies a 4-D (N, C, H, W) tensor of any strides into a planar buffer
-// dst[n][c][j][i] of size (N, C, dst_h, dst_w), placed as in fill_nhwc
-// (offsets, steps, zeros elsewhere).
+// A zero-padded (and possibly zero-stuffed) planar view of a 4-D (N, C, H, W)
+// tensor of any strides: source pixel (h, w) sits at padded row
+// offset_h + h * step_h, column offset_w + w * step_w (a negative offset crops);
+// every other padded element is zero. The planar kernels copy the rows they
+// need into a small per-thread buffer, which stays in cache: the padding costs
+// no memory traffic beyond one read of the source.
 template <typename scalar_t>
-void fill_planar(
-    const at::Tensor& src,
-    scalar_t* dst,
-    int64_t dst_h,
-    int64_t dst_w,
-    int64_t offset_h,
-    int64_t offset_w,
-    int64_t step_h,
-    int64_t step_w) {
-  const scalar_t* data = src.const_data_ptr<scalar_t>();
-  const int64_t batch = src.size(0), channels = src.size(1), h = src.size(2), w = src.size(3);
-  const int64_t sn = src.stride(0), sc = src.stride(1), sh = src.stride(2), sw = src.stride(3);
-  const int64_t w_begin = offset_w >= 0 ? 0 : ceil_div(-offset_w, step_w);
-  const int64_t w_end = std::min(w, ceil_div(dst_w - offset_w, step_w));
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, dst_w));
-  at::parallel_for(0, batch * channels * dst_h, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t nc = row / dst_h, j = row % dst_h;
-      const int64_t n = nc / channels, c = nc % channels;
-      scalar_t* out = dst + row * dst_w;
-      std::memset(out, 0, dst_w * sizeof(scalar_t));
-      const int64_t jj = j - offset_h;
-      if (jj < 0 || jj % step_h != 0 || jj / step_h >= h) continue;
-      const scalar_t* in = data + n * sn + c * sc + (jj / step_h) * sh;
-      if (sw == 1 && step_w == 1) {
-        if (w_end > w_begin)
-          std::memcpy(out + offset_w + w_begin, in + w_begin, (w_end - w_begin) * sizeof(scalar_t));
-      } else {
-        for (int64_t x = w_begin; x < w_end; ++x) out[offset_w + x * step_w] = in[x * sw];
+struct PaddedPlanes {
+  const scalar_t* data;
+  int64_t h, w, sn, sc, sh, sw;
+  int64_t offset_h, offset_w, step_h, step_w;
+
+  PaddedPlanes(const at::Tensor& src, int64_t offset_h, int64_t offset_w, int64_t step_h, int64_t step_w)
+      : data(src.const_data_ptr<scalar_t>()),
+        h(src.size(2)),
+        w(src.size(3)),
+        sn(src.stride(0)),
+        sc(src.stride(1)),
+        sh(src.stride(2)),
+        sw(src.stride(3)),
+        offset_h(offset_h),
+        offset_w(offset_w),
+        step_h(step_h),
+        step_w(step_w) {}
+
+  // Padded rows [row_begin, row_begin + rows) and columns [0, dst_w) of
+  // channels [c_begin, c_begin + channels) of image n, as
+  // dst[c * dst_channel_stride + row * dst_w + column].
+  void copy(
+      int64_t n,
+      int64_t c_begin,
+      int64_t channels,
+      int64_t row_begin,
+      int64_t rows,
+      scalar_t* dst,
+      int64_t dst_w,
+      int64_t dst_channel_stride) const {
+    // Columns of the source that land inside [0, dst_w).
+    const int64_t w_begin = offset_w >= 0 ? 0 : ceil_div(-offset_w, step_w);
+    const int64_t w_end = std::min(w, ceil_div(dst_w - offset_w, step_w));
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t j = 0; j < rows; ++j) {
+        scalar_t* out = dst + c * dst_channel_stride + j * dst_w;
+        std::memset(out, 0, dst_w * sizeof(scalar_t));
+        const int64_t jj = row_begin + j - offset_h;
+        if (jj < 0 || jj % step_h != 0 || jj / step_h >= h) continue;
+        const scalar_t* in = data + n * sn + (c_begin + c) * sc + (jj / step_h) * sh;
+        if (sw == 1 && step_w == 1) {
+          if (w_end > w_begin)
+            std::memcpy(out + offset_w + w_begin, in + w_begin, (w_end - w_begin) * sizeof(scalar_t));
+        } else {
+          for (int64_t x = w_begin; x < w_end; ++x) out[offset_w + x * step_w] = in[x * sw];
+        }
       }
     }
-  });
-}
-
-// Output channels are processed in blocks of two vectors; the last block of a
-// group may be a single vector.
-template <typename scalar_t>
-int64_t block_width(int64_t out_per_group, int64_t block) {
-  return std::min<int64_t>(2 * lanes<scalar_t>(), round_up(out_per_group - block * 2 * lanes<scalar_t>(), lanes<scalar_t>()));
-}
+  }
+};
 
 // Packs the (Cout, Cin/groups, KH, KW) contiguous weights as
 // packed[g][block][tap][c][width], block stride taps * reduce * 2 * lanes,
@@ -455,6 +348,13 @@ bool use_planar(int64_t out_per_group, int64_t reduce_per_output, int64_t stride
          (out_per_group * 2 <= lanes<scalar_t>() || reduce_per_output <= kPlanarMaxReduce);
 }
 
+template <typename scalar_t>
+bool planar_forward(const Conv2dShape& s) {
+  return use_planar<scalar_t>(
+      s.out_channels_per_group(), s.in_channels_per_group() * s.kernel_h * s.kernel_w, s.stride_h,
+      s.stride_w);
+}
+
 // Weights as packed[g][c][tap][o]: c over the reduced channels, o over the
 // group's outputs; transposed (input gradient) swaps the roles of in/out
 // channels and flips the kernel, as in pack_weights.
@@ -480,15 +380,14 @@ at::Tensor pack_planar_weights(const at::Tensor& weight, const Conv2dShape& s, b
   return packed;
 }
 
-// A stride-1 direct convolution over a planar source:
+// A stride-1 direct convolution over a zero-padded planar source:
 //   out[n][g*out_pg + o][oh][ow] = bias[g*out_pg + o] + sum over taps and c of
 //     src[n][g*reduce + c][oh + kh*dil][ow + kw*dil] * w[g][o][c][kh][kw]
-// The source needs 2 * lanes readable elements past its end: the last vector
-// of a row may run past it (those lanes are computed but never stored).
+// with src_w columns per padded row and out contiguous NCHW.
 template <typename scalar_t>
 struct PlanarConv {
-  const scalar_t* src;
-  int64_t src_h, src_w;
+  PaddedPlanes<scalar_t> src;
+  int64_t src_w;
   int64_t batch, groups, reduce, out_per_group;
   int64_t kernel_h, kernel_w, dilation_h, dilation_w, out_h, out_w;
   const scalar_t* packed_weights;  // pack_planar_weights
@@ -501,38 +400,64 @@ void run_planar_conv(const PlanarConv<scalar_t>& a) {
   constexpr int64_t L = lanes<scalar_t>();
   const ConvKernels<scalar_t>& kern = kernels<scalar_t>();
   const int64_t taps = a.kernel_h * a.kernel_w;
+  const int64_t reach = (a.kernel_h - 1) * a.dilation_h;  // source rows beyond the output rows
+  // Work units: (image, group, block of output rows). A unit copies its
+  // padded source rows into a per-thread buffer of at most ~256 KiB (kept in
+  // L2), then sweeps them; blocks are smaller when there are few images, so
+  // that every thread gets work.
+  const int64_t row_bytes = a.reduce * a.src_w * int64_t(sizeof(scalar_t));
+  const int64_t fit_rows = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, row_bytes) - reach);
+  const int64_t spread = ceil_div(4 * at::get_num_threads(), a.batch * a.groups);
+  const int64_t block_rows = std::min(ceil_div(a.out_h, spread), fit_rows);
+  const int64_t row_blocks = ceil_div(a.out_h, block_rows);
+  const int64_t buffer_rows = block_rows + reach;
+  const int64_t channel_stride = buffer_rows * a.src_w;
   std::vector<int64_t> tap_offset(taps);
   for (int64_t kh = 0; kh < a.kernel_h; ++kh)
     for (int64_t kw = 0; kw < a.kernel_w; ++kw)
       tap_offset[kh * a.kernel_w + kw] = kh * a.dilation_h * a.src_w + kw * a.dilation_w;
-  const int64_t channel_stride = a.src_h * a.src_w;
   // Rows of more than one vector use two-vector tiles (the tail may use one).
   const int64_t max_channels = kern.tiles.planar_channels[a.out_w > L ? 1 : 0];
   const int64_t out_channels = a.groups * a.out_per_group;
-  const int64_t rows = a.batch * a.groups * a.out_h;
-  const int64_t row_work = a.out_per_group * a.reduce * taps * a.out_w;
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row_work));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t tile[kPlanarMaxChannels * 2 * L];
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / (a.groups * a.out_h);
-      const int64_t g = (row / a.out_h) % a.groups;
-      const int64_t oh = row % a.out_h;
-      const scalar_t* src =
-          a.src + ((n * a.groups + g) * a.reduce * a.src_h + oh) * a.src_w;
+  at::parallel_for(0, a.batch * a.groups * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t tile[cpu::kPlanarMaxRows * kPlanarMaxChannels * 2 * L];
+    at::Tensor keep_alive;
+    // The last vector of a row may run 2 * lanes past the buffer's end: those
+    // lanes are computed, never stored.
+    const int64_t buffer_size = a.reduce * channel_stride;
+    scalar_t* buffer = workspace<scalar_t>(kRowsSlot, buffer_size + 2 * L, keep_alive);
+    std::memset(buffer + buffer_size, 0, 2 * L * sizeof(scalar_t));
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t n = unit / (a.groups * row_blocks);
+      const int64_t g = (unit / row_blocks) % a.groups;
+      const int64_t oh_begin = (unit % row_blocks) * block_rows;
+      const int64_t oh_end = std::min(a.out_h, oh_begin + block_rows);
+      a.src.copy(n, g * a.reduce, a.reduce, oh_begin, oh_end - oh_begin + reach, buffer, a.src_w, channel_stride);
       const scalar_t* w = a.packed_weights + g * a.reduce * taps * a.out_per_group;
       for (int64_t o0 = 0; o0 < a.out_per_group;) {
         const int64_t count = std::min<int64_t>(max_channels, a.out_per_group - o0);
         for (int64_t ow0 = 0; ow0 < a.out_w;) {
           const int64_t vectors = a.out_w - ow0 > L ? 2 : 1;
-          kern.planar[vectors - 1][count - 1](
-              src + ow0, channel_stride, tap_offset.data(), taps, a.reduce, w + o0,
-              a.out_per_group, a.bias ? a.bias + g * a.out_per_group + o0 : nullptr, tile);
           const int64_t valid = std::min(vectors * L, a.out_w - ow0);
-          for (int64_t o = 0; o < count; ++o) {
-            scalar_t* dst =
-                a.out + ((n * out_channels + g * a.out_per_group + o0 + o) * a.out_h + oh) * a.out_w + ow0;
-            std::memcpy(dst, tile + o * vectors * L, valid * sizeof(scalar_t));
+          // Tiles of R rows; the last one may overlap its predecessor (rows
+          // recomputed, same values stored twice). Blocks shorter than R go
+          // row by row.
+          const int64_t R = kern.planar_rows[vectors - 1][count - 1];
+          const bool multi = oh_end - oh_begin >= R;
+          const auto planar = multi ? kern.planar[vectors - 1][count - 1] : kern.planar_one_row[vectors - 1][count - 1];
+          const int64_t step = multi ? R : 1;
+          for (int64_t oh_next = oh_begin; oh_next < oh_end; oh_next += step) {
+            const int64_t oh = std::min(oh_next, oh_end - step);
+            planar(
+                buffer + (oh - oh_begin) * a.src_w + ow0, a.src_w, channel_stride, tap_offset.data(), taps,
+                a.reduce, w + o0, a.out_per_group, a.bias ? a.bias + g * a.out_per_group + o0 : nullptr, tile);
+            for (int64_t r = 0; r < step; ++r) {
+              for (int64_t o = 0; o < count; ++o) {
+                scalar_t* dst = a.out +
+                                ((n * out_channels + g * a.out_per_group + o0 + o) * a.out_h + oh + r) * a.out_w + ow0;
+                std::memcpy(dst, tile + (r * count + o) * vectors * L, valid * sizeof(scalar_t));
+              }
+            }
           }
           ow0 += valid;
         }
@@ -555,18 +480,12 @@ void conv2d_forward_impl(
   // touches are left out, and 'same' padding comes out asymmetric by itself.
   const int64_t pad_h = (s.out_h - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
   const int64_t pad_w = (s.out_w - 1) * s.stride_w + (s.kernel_w - 1) * s.dilation_w + 1;
-  if (use_planar<scalar_t>(
-          cout_g, s.in_channels_per_group() * s.kernel_h * s.kernel_w, s.stride_h, s.stride_w)) {
-    at::Tensor keep_alive;
-    const int64_t src_size = s.batch * s.in_channels * pad_h * pad_w;
-    scalar_t* src = workspace<scalar_t>(kSourceSlot, src_size + 2 * L, keep_alive);
-    fill_planar<scalar_t>(input4, src, pad_h, pad_w, s.pad_top, s.pad_left, 1, 1);
-    std::memset(src + src_size, 0, 2 * L * sizeof(scalar_t));  // read past the end, never stored
+  if (planar_forward<scalar_t>(s)) {
     const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/false);
     at::Tensor bias_contiguous;
     if (bias.has_value()) bias_contiguous = bias->contiguous();
     PlanarConv<scalar_t> a{
-        src, pad_h, pad_w, s.batch, s.groups,
+        PaddedPlanes<scalar_t>(input4, s.pad_top, s.pad_left, 1, 1), pad_w, s.batch, s.groups,
         s.in_channels_per_group(), cout_g, s.kernel_h, s.kernel_w, s.dilation_h, s.dilation_w,
         s.out_h, s.out_w, packed.const_data_ptr<scalar_t>(),
         bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr,
@@ -651,15 +570,10 @@ void input_grad_impl(
   const int64_t offset_w = (s.kernel_w - 1) * s.dilation_w - s.pad_left;
   if (use_planar<scalar_t>(
           s.in_channels_per_group(), s.out_channels_per_group() * s.kernel_h * s.kernel_w, 1, 1)) {
-    at::Tensor keep_alive;
-    const int64_t src_size = s.batch * s.out_channels * src_h * src_w;
-    scalar_t* src = workspace<scalar_t>(kSourceSlot, src_size + 2 * lanes<scalar_t>(), keep_alive);
-    fill_planar<scalar_t>(grad4, src, src_h, src_w, offset_h, offset_w, s.stride_h, s.stride_w);
-    std::memset(src + src_size, 0, 2 * lanes<scalar_t>() * sizeof(scalar_t));  // read past the end, never stored
     const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/true);
     PlanarConv<scalar_t> a{
-        src, src_h, src_w, s.batch, s.groups,
-        s.out_channels_per_group(), s.in_channels_per_group(), s.kernel_h, s.kernel_w,
+        PaddedPlanes<scalar_t>(grad4, offset_h, offset_w, s.stride_h, s.stride_w), src_w, s.batch,
+        s.groups, s.out_channels_per_group(), s.in_channels_per_group(), s.kernel_h, s.kernel_w,
         s.dilation_h, s.dilation_w, s.in_h, s.in_w, packed.const_data_ptr<scalar_t>(), nullptr,
         grad_input4.mutable_data_ptr<scalar_t>()};
     run_planar_conv(a);
@@ -774,8 +688,9 @@ void weight_grad_impl(
   // into L2 serves as many items as possible.
   const int64_t item_blocks = std::min<int64_t>(items, at::get_num_threads());
   const int64_t part_size = s.groups * blocks * block_size;
-  at::Tensor partial = at::zeros({parts * part_size}, input4.options());
-  scalar_t* partial_data = partial.mutable_data_ptr<scalar_t>();
+  at::Tensor partial_keep;
+  scalar_t* partial_data = workspace<scalar_t>(kPartialSlot, parts * part_size, partial_keep);
+  std::fill(partial_data, partial_data + parts * part_size, scalar_t(0));
   const scalar_t* x = input_padded;
   const scalar_t* gy = grad_nhwc;
   const int64_t grad_channels = s.groups * cout_g_padded;
@@ -838,31 +753,150 @@ void weight_grad_impl(
   });
 }
 
+// Weight gradient from planar rows: grad_output is read in place (NCHW) or, when
+// its rows are not whole vectors, through a per-thread buffer of padded rows;
+// the input rows a chunk needs are copied, zero-padded, into another. Tiles of
+// (output channels x positions) accumulate vectors over a chunk of rows of one
+// image (both buffers stay in L2). The rows are split into a number of parts
+// fixed by the shape; each part sums into its own vectors, and the parts and
+// then the lanes are added in order: bitwise reproducible whatever the thread
+// count. The bias gradient is one more position per group whose input rows
+// are all ones: with both wanted, grad_output is read once for the two (and
+// the bias sums come out the same, bit for bit, with or without the weights).
 template <typename scalar_t>
-void bias_grad_impl(
-    const scalar_t* grad_nhwc, int64_t cout_g_padded, const Conv2dShape& s, at::Tensor& grad_bias) {
-  const int64_t channels = s.groups * cout_g_padded;
-  const int64_t pixels = s.batch * s.out_h * s.out_w;
-  const int64_t parts = std::clamp<int64_t>(pixels, 1, 8);
-  std::vector<scalar_t> partial(parts * channels, scalar_t(0));
-  const scalar_t* gy = grad_nhwc;
+void planar_weight_grad_impl(
+    const at::Tensor& input4,
+    const at::Tensor& grad4,
+    const Conv2dShape& s,
+    at::Tensor* grad_weight,
+    at::Tensor* grad_bias) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const ConvKernels<scalar_t>& kern = kernels<scalar_t>();
+  const int64_t NL = kern.native_lanes;
+  const int64_t row_w = round_up(s.out_w, L);                           // grad_output row, whole vectors
+  const int64_t x_w = row_w + (s.kernel_w - 1) * s.dilation_w;           // every tap's vectors in bounds
+  const int64_t reach = (s.kernel_h - 1) * s.dilation_h;
+  const int64_t cin_g = s.in_channels_per_group(), cout_g = s.out_channels_per_group();
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const int64_t weight_positions = grad_weight != nullptr ? cin_g * taps : 0;  // q = ci * taps + tap
+  const int64_t positions = weight_positions + (grad_bias != nullptr ? 1 : 0);  // then the bias
+  const bool grad_in_place = grad4.stride(3) == 1 && s.out_w % L == 0;
+  // Rows per chunk: grad_output and input rows within ~256 KiB.
+  const int64_t chunk_bytes = int64_t(1) << 18;
+  const int64_t x_channels = s.in_channels + 1;  // the input's, then one of ones
+  const int64_t per_row = (s.out_channels * row_w + x_channels * x_w) * int64_t(sizeof(scalar_t));
+  const int64_t chunk_rows = std::clamp<int64_t>(
+      (chunk_bytes - x_channels * reach * x_w * int64_t(sizeof(scalar_t))) / per_row, 1, s.out_h);
+  const int64_t x_channel_stride = (chunk_rows + reach) * x_w;
+  const int64_t g_buffer_channel_stride = chunk_rows * row_w;
+  // Offsets of each group's positions from the start of the input rows.
+  std::vector<int64_t> x_offset(s.groups * positions);
+  for (int64_t grp = 0; grp < s.groups; ++grp) {
+    int64_t* offset = &x_offset[grp * positions];
+    for (int64_t ci = 0; ci < weight_positions / taps; ++ci)
+      for (int64_t k = 0; k < taps; ++k)
+        offset[ci * taps + k] = (grp * cin_g + ci) * x_channel_stride +
+                                (k / s.kernel_w) * s.dilation_h * x_w + (k % s.kernel_w) * s.dilation_w;
+    if (grad_bias != nullptr) offset[weight_positions] = s.in_channels * x_channel_stride;
+  }
+  const auto channel_blocks = even_runs(cout_g, kern.tiles.planar_wgrad_channels);
+  const auto position_tiles = even_runs(positions, kern.tiles.planar_wgrad_positions);
+
+  const int64_t rows = s.batch * s.out_h;
+  const int64_t parts = std::clamp<int64_t>(ceil_div(rows, 64), 1, 16);
+  const int64_t outputs = s.out_channels * positions;
+  at::Tensor partial_keep;
+  scalar_t* partial_data = workspace<scalar_t>(kPartialSlot, parts * outputs * NL, partial_keep);
+  std::fill(partial_data, partial_data + parts * outputs * NL, scalar_t(0));
+  const PaddedPlanes<scalar_t> x_src(input4, s.pad_top, s.pad_left, 1, 1);
+  const PaddedPlanes<scalar_t> g_src(grad4, 0, 0, 1, 1);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor x_keep, g_keep;
+    scalar_t* x_buffer = workspace<scalar_t>(kRowsSlot, x_channels * x_channel_stride, x_keep);
+    std::fill(x_buffer + s.in_channels * x_channel_stride, x_buffer + x_channels * x_channel_stride, scalar_t(1));
+    scalar_t* g_buffer = grad_in_place
+        ? nullptr
+        : workspace<scalar_t>(kGradRowsSlot, s.out_channels * g_buffer_channel_stride, g_keep);
     for (int64_t part = begin; part < end; ++part) {
-      scalar_t* sum = partial.data() + part * channels;
-      for (int64_t p = part * pixels / parts; p < (part + 1) * pixels / parts; ++p) {
-        const scalar_t* row = gy + p * channels;
-        for (int64_t c = 0; c < channels; ++c) sum[c] += row[c];
+      scalar_t* acc = partial_data + part * outputs * NL;
+      const int64_t row_end = (part + 1) * rows / parts;
+      for (int64_t row = part * rows / parts; row < row_end;) {
+        const int64_t n = row / s.out_h, oh = row % s.out_h;
+        const int64_t count = std::min({chunk_rows, s.out_h - oh, row_end - row});
+        if (grad_weight != nullptr) x_src.copy(n, 0, s.in_channels, oh, count + reach, x_buffer, x_w, x_channel_stride);
+        const scalar_t* g;
+        int64_t g_row_stride, g_channel_stride;
+        if (grad_in_place) {
+          g = g_src.data + n * g_src.sn + oh * g_src.sh;
+          g_row_stride = g_src.sh;
+          g_channel_stride = g_src.sc;
+        } else {
+          g_src.copy(n, 0, s.out_channels, oh, count, g_buffer, row_w, g_buffer_channel_stride);
+          g = g_buffer;
+          g_row_stride = row_w;
+          g_channel_stride = g_buffer_channel_stride;
+        }
+        for (int64_t grp = 0; grp < s.groups; ++grp) {
+          for (const auto& [co0, channels] : channel_blocks) {
+            const int64_t co = grp * cout_g + co0;
+            for (const auto& [q0, count_q] : position_tiles) {
+              kern.planar_wgrad[channels - 1][count_q - 1](
+                  g + co * g_channel_stride, g_row_stride, g_channel_stride,
+                  x_buffer, x_w, &x_offset[grp * positions + q0], count, row_w / NL,
+                  acc + (co * positions + q0) * NL, positions * NL);
+            }
+          }
+        }
+        row += count;
       }
     }
   });
-  const int64_t cout_g = s.out_channels_per_group();
+
+  // grad_weight (Cout, Cin/groups, KH, KW) is [co][q < weight_positions]; the
+  // bias position follows. Sum the parts, then the lanes, in order.
+  scalar_t* gw = grad_weight != nullptr ? grad_weight->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gb = grad_bias != nullptr ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, outputs, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t sum = 0;
+      for (int64_t part = 0; part < parts; ++part) {
+        const scalar_t* v = partial_data + (part * outputs + i) * NL;
+        for (int64_t lane = 0; lane < NL; ++lane) sum += v[lane];
+      }
+      const int64_t co = i / positions, q = i % positions;
+      if (q < weight_positions) {
+        gw[co * weight_positions + q] = sum;
+      } else {
+        gb[co] = sum;
+      }
+    }
+  });
+}
+
+// grad_bias[c]: the sum of grad_output over images and pixels of channel c.
+// Each channel is summed by one thread in a fixed order (reproducible).
+template <typename scalar_t>
+void bias_grad_impl(const at::Tensor& grad4, at::Tensor& grad_bias) {
+  const at::Tensor g = grad4.contiguous();
+  const scalar_t* gd = g.const_data_ptr<scalar_t>();
+  const int64_t batch = g.size(0), channels = g.size(1), plane = g.size(2) * g.size(3);
   scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-  for (int64_t co = 0; co < s.out_channels; ++co) {
-    const int64_t slot = (co / cout_g) * cout_g_padded + co % cout_g;
-    scalar_t sum = partial[slot];
-    for (int64_t part = 1; part < parts; ++part) sum += partial[part * channels + slot];
-    gb[co] = sum;
-  }
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kSums = 16;  // independent running sums: one vector of them
+    for (int64_t c = begin; c < end; ++c) {
+      scalar_t sums[kSums] = {};
+      for (int64_t n = 0; n < batch; ++n) {
+        const scalar_t* p = gd + (n * channels + c) * plane;
+        int64_t i = 0;
+        for (; i + kSums <= plane; i += kSums)
+          for (int64_t j = 0; j < kSums; ++j) sums[j] += p[i + j];
+        for (; i < plane; ++i) sums[i - (plane / kSums) * kSums] += p[i];
+      }
+      scalar_t total = 0;
+      for (int64_t j = 0; j < kSums; ++j) total += sums[j];
+      gb[c] = total;
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
@@ -899,13 +933,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       at::Tensor grad_input4 = batched ? grad_input : grad_input.unsqueeze(0);
       input_grad_impl<scalar_t>(grad4, weight, s, grad_input4);
     }
-    if (output_mask[1] || output_mask[2]) {
+    // The shapes of the planar forward (few channels) take the planar weight
+    // gradient too: there grad_output in NHWC would be mostly padding lanes,
+    // and its copy would cost more than the arithmetic.
+    if ((output_mask[1] || output_mask[2]) && planar_forward<scalar_t>(s)) {
+      planar_weight_grad_impl<scalar_t>(
+          input4, grad4, s, output_mask[1] ? &grad_weight : nullptr, output_mask[2] ? &grad_bias : nullptr);
+      return;
+    }
+    if (output_mask[1]) {
       const int64_t cout_g_padded = round_up(s.out_channels_per_group(), lanes<scalar_t>());
       at::Tensor keep_alive;
       const scalar_t* grad_nhwc = grad_output_nhwc<scalar_t>(grad4, s, cout_g_padded, keep_alive);
-      if (output_mask[1]) weight_grad_impl<scalar_t>(input4, grad_nhwc, cout_g_padded, s, grad_weight);
-      if (output_mask[2]) bias_grad_impl<scalar_t>(grad_nhwc, cout_g_padded, s, grad_bias);
+      weight_grad_impl<scalar_t>(input4, grad_nhwc, cout_g_padded, s, grad_weight);
     }
+    if (output_mask[2]) bias_grad_impl<scalar_t>(grad4, grad_bias);
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -1,8 +1,9 @@
-// Register-blocked inner loops of the direct convolution. No include guard on
-// purpose: conv2d.cpp includes this file once per instruction set, each time
+// Register-blocked inner loops of the direct convolution (and of linear_relu's
+// small GEMMs, which are 1x1 convolutions). No include guard on purpose:
+// tile_kernels.cpp includes this file once per instruction set, each time
 // inside its own namespace and `#pragma GCC target` region, so the same source
 // becomes an AVX-512, an AVX2 and a baseline (SSE2) variant, picked at run time.
-// Everything this file needs is included by conv2d.cpp before it.
+// Everything this file needs is included by tile_kernels.cpp before it.
 
 // The kernels work on 64-byte vectors of channels or pixels (16 floats / 8
 // doubles: the unit of the packed layouts), each held as 64 / kIsaVectorBytes
@@ -128,17 +129,20 @@ void wgrad_tile(const WgradRows<scalar_t>& rows, const int64_t* q_offset, scalar
 }
 
 // Stride-1 tile for few output channels (where a vector of output channels
-// would be mostly empty lanes): O output channels x NP vectors of consecutive
-// pixels of one output row, read from a planar (NCHW) source. For every
-// reduced channel c and tap k, NP pixel vectors are loaded once and multiplied
-// by O broadcast weights.
-//   src + c * channel_stride + tap_offset[k] : the row of pixels of channel c at tap k
+// would be mostly empty lanes): R consecutive output rows x O output channels
+// x NP vectors of consecutive pixels, read from a planar (NCHW) source. For
+// every reduced channel c and tap k, O weights are broadcast once and
+// multiplied by R*NP pixel vectors. Several rows keep enough independent
+// accumulators in flight when O is small (1 or 3 input channels, in the
+// input gradient of a first layer).
+//   src + r * row_stride + c * channel_stride + tap_offset[k] : row r of channel c at tap k
 //   weights + (c * taps + k) * weight_stride + o : the weight of output channel o
 //   init: O starting values (bias) or null for zero
-//   tile: [O][NP*lanes] result
-template <typename scalar_t, int O, int NP>
+//   tile: [R][O][NP*lanes] result
+template <typename scalar_t, int O, int NP, int R>
 void planar_tile(
     const scalar_t* src,
+    int64_t row_stride,
     int64_t channel_stride,
     const int64_t* tap_offset,
     int64_t taps,
@@ -150,33 +154,102 @@ void planar_tile(
   using V = typename NativeVec<scalar_t>::type;
   constexpr int L = NativeVec<scalar_t>::lanes;
   constexpr int N = NP * kPieces;  // native vectors of pixels
-  V acc[O][N];
+  V acc[R][O][N];
 #pragma GCC unroll 8
   for (int o = 0; o < O; ++o) {
     const scalar_t start = init ? init[o] : scalar_t(0);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int j = 0; j < N; ++j) acc[o][j] = V{} + start;
+      for (int j = 0; j < N; ++j) acc[r][o][j] = V{} + start;
   }
   for (int64_t c = 0; c < reduce; ++c) {
     const scalar_t* plane = src + c * channel_stride;
     const scalar_t* w = weights + c * taps * weight_stride;
     for (int64_t k = 0; k < taps; ++k) {
       const scalar_t* row = plane + tap_offset[k];
-      V xv[N];
+      V xv[R][N];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-      for (int j = 0; j < N; ++j) xv[j] = load_vec<V>(row + j * L);
+        for (int j = 0; j < N; ++j) xv[r][j] = load_vec<V>(row + r * row_stride + j * L);
 #pragma GCC unroll 8
       for (int o = 0; o < O; ++o) {
         const scalar_t wo = w[k * weight_stride + o];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-        for (int j = 0; j < N; ++j) acc[o][j] += xv[j] * wo;
+          for (int j = 0; j < N; ++j) acc[r][o][j] += xv[r][j] * wo;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int o = 0; o < O; ++o)
+#pragma GCC unroll 16
+      for (int j = 0; j < N; ++j) store_vec(tile + (r * O + o) * (N * L) + j * L, acc[r][o][j]);
+}
+
+// Rows per planar tile: as many as the accumulator budget allows, at most
+// kPlanarMaxRows.
+constexpr int planar_rows(int O, int NP) {
+  const int rows = kIsaTiles.planar_accumulators / (O * NP * kPieces);
+  return rows < 1 ? 1 : rows > kPlanarMaxRows ? kPlanarMaxRows : rows;
+}
+
+// Stride-1 weight-gradient tile over planar (NCHW) rows, for few channels: O
+// output channels x T reduced positions (an input channel and a kernel tap
+// each), one native vector accumulator per pair, summed over `rows` rows of
+// `vectors` native vectors of output pixels. Per row and vector, O grad_output
+// vectors and T shifted input vectors are loaded once each (O*T FMAs for O+T
+// loads). acc_io holds the running vector sums, [o * acc_stride + t * lanes],
+// read at the start and written back at the end.
+//   g + r * g_row_stride + o * g_channel_stride : grad_output row r of channel o
+//   x + r * x_row_stride + x_offset[t] : the input row that position t meets
+// Lanes past the row's end must read zero in g (then x there only needs to be
+// finite).
+template <typename scalar_t, int O, int T>
+void planar_wgrad_tile(
+    const scalar_t* g,
+    int64_t g_row_stride,
+    int64_t g_channel_stride,
+    const scalar_t* x,
+    int64_t x_row_stride,
+    const int64_t* x_offset,
+    int64_t rows,
+    int64_t vectors,
+    scalar_t* acc_io,
+    int64_t acc_stride) {
+  using V = typename NativeVec<scalar_t>::type;
+  constexpr int L = NativeVec<scalar_t>::lanes;
+  V acc[O][T];
+  int64_t offset[T];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) offset[t] = x_offset[t];
+#pragma GCC unroll 8
+  for (int o = 0; o < O; ++o)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[o][t] = load_vec<V>(acc_io + o * acc_stride + t * L);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* gr = g + r * g_row_stride;
+    const scalar_t* xr = x + r * x_row_stride;
+    for (int64_t v = 0; v < vectors; ++v) {
+      V gv[O];
+#pragma GCC unroll 8
+      for (int o = 0; o < O; ++o) gv[o] = load_vec<V>(gr + o * g_channel_stride + v * L);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const V xv = load_vec<V>(xr + offset[t] + v * L);
+#pragma GCC unroll 8
+        for (int o = 0; o < O; ++o) acc[o][t] += gv[o] * xv;
       }
     }
   }
 #pragma GCC unroll 8
   for (int o = 0; o < O; ++o)
-#pragma GCC unroll 16
-    for (int j = 0; j < N; ++j) store_vec(tile + o * (N * L) + j * L, acc[o][j]);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) store_vec(acc_io + o * acc_stride + t * L, acc[o][t]);
 }
 
 // The kernels of this instruction set, as plain function pointers.
@@ -186,8 +259,23 @@ void fill_wgrad_table(typename ConvKernels<scalar_t>::WgradTile* table, std::ind
 }
 
 template <typename scalar_t, int NP, size_t... O>
-void fill_planar_table(typename ConvKernels<scalar_t>::PlanarTile* table, std::index_sequence<O...>) {
-  ((table[O] = &planar_tile<scalar_t, int(O) + 1, NP>), ...);
+void fill_planar_table(ConvKernels<scalar_t>& k, std::index_sequence<O...>) {
+  ((k.planar[NP - 1][O] = &planar_tile<scalar_t, int(O) + 1, NP, planar_rows(int(O) + 1, NP)>), ...);
+  ((k.planar_rows[NP - 1][O] = planar_rows(int(O) + 1, NP)), ...);
+  ((k.planar_one_row[NP - 1][O] = &planar_tile<scalar_t, int(O) + 1, NP, 1>), ...);
+}
+
+template <typename scalar_t, int O, size_t... T>
+void fill_planar_wgrad_row(typename ConvKernels<scalar_t>::PlanarWgradTile* row, std::index_sequence<T...>) {
+  ((row[T] = &planar_wgrad_tile<scalar_t, O, int(T) + 1>), ...);
+}
+
+template <typename scalar_t, size_t... O>
+void fill_planar_wgrad_table(
+    typename ConvKernels<scalar_t>::PlanarWgradTile (*table)[kPlanarWgradMaxPositions],
+    std::index_sequence<O...>) {
+  using PositionSeq = std::make_index_sequence<kPlanarWgradMaxPositions>;
+  (fill_planar_wgrad_row<scalar_t, int(O) + 1>(table[O], PositionSeq{}), ...);
 }
 
 template <typename scalar_t>
@@ -202,7 +290,10 @@ ConvKernels<scalar_t> conv_kernels() {
   fill_wgrad_table<scalar_t, 1, true>(k.wgrad[1][0], WgradRowsSeq{});
   fill_wgrad_table<scalar_t, 2, true>(k.wgrad[1][1], WgradRowsSeq{});
   using PlanarSeq = std::make_index_sequence<kPlanarMaxChannels>;
-  fill_planar_table<scalar_t, 1>(k.planar[0], PlanarSeq{});
-  fill_planar_table<scalar_t, 2>(k.planar[1], PlanarSeq{});
+  fill_planar_table<scalar_t, 1>(k, PlanarSeq{});
+  fill_planar_table<scalar_t, 2>(k, PlanarSeq{});
+  fill_planar_wgrad_table<scalar_t>(
+      k.planar_wgrad, std::make_index_sequence<kPlanarWgradMaxChannels>{});
+  k.native_lanes = NativeVec<scalar_t>::lanes;
   return k;
 }

@@ -1,19 +1,177 @@
-// Fused Linear+ReLU on CPU. The GEMMs are torch's BLAS (at::mm); the fusion is
-// ours: bias and ReLU in one pass over the GEMM output, and in the backward the
-// ReLU mask and the bias gradient in one pass over grad_output.
+// Fused Linear+ReLU on CPU. Narrow layers (few output features, as a
+// classifier head) run on our register-tile kernels, the GEMMs as 1x1
+// convolutions with bias and ReLU applied as each tile is stored: BLAS is at
+// its weakest on such thin matrices. Wider layers use torch's BLAS (at::mm) and
+// fuse bias and ReLU in one pass over its output. In the backward, the ReLU
+// mask and the bias gradient take one pass over grad_output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
+#include "cpu/tile_kernels.h"
+#include "cpu/workspace.h"
 #include "linear_relu_geometry.h"
 
 namespace lightning_hw {
 namespace {
 
 constexpr at::ScalarType kCpuDtypes[] = {at::kFloat, at::kDouble};
+
+// Which GEMMs take the tile kernels (rows x two vectors of columns per tile,
+// the whole reduction in one pass, so a packed block of weights, reduce x two
+// vectors, must stay within half of L2): narrow layers (few output features, as a
+// classifier head) always, where BLAS is at its weakest; wider ones once there
+// are enough rows to repay re-packing the weights on every call. The forward
+// packs a transposed copy, the input gradient a plain one, so the forward
+// needs more rows. Measured in benchmarks/NOTES.md (steps 9-10).
+constexpr int64_t kTileMaxOutFeatures = 64;
+constexpr int64_t kTileMinRowsForward = 64;
+constexpr int64_t kTileMinRowsBackward = 32;
+constexpr int64_t kTileMaxBlockBytes = int64_t(1) << 19;
+
+template <typename scalar_t>
+bool use_tiles(int64_t rows, int64_t reduce, int64_t out_features, int64_t min_rows) {
+  return rows > 0 && (out_features <= kTileMaxOutFeatures || rows >= min_rows) &&
+         reduce * 2 * cpu::lanes<scalar_t>() * int64_t(sizeof(scalar_t)) <= kTileMaxBlockBytes;
+}
+
+// Packs a (reduce x width_total) matrix, element (c, j) at
+// src[c * c_stride + j * j_stride], into blocks of two vectors of columns:
+// packed[block][c][width] (packed_size elements), lanes past width_total
+// zero. This is the layout conv_tile reads its weights in. Blocks are packed
+// in parallel; a transposing pack (j_stride > 1) goes 16 reduced indices at a
+// time, so that it reads whole cache lines and its writes stay in L1.
+template <typename scalar_t>
+int64_t packed_size(int64_t reduce, int64_t width_total) {
+  return cpu::ceil_div(width_total, 2 * cpu::lanes<scalar_t>()) * reduce * 2 * cpu::lanes<scalar_t>();
+}
+
+template <typename scalar_t>
+void pack_columns(
+    const scalar_t* src, int64_t reduce, int64_t width_total, int64_t c_stride, int64_t j_stride, scalar_t* packed) {
+  constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
+  constexpr int64_t kStep = 16;
+  const int64_t blocks = cpu::ceil_div(width_total, L2);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t width = cpu::block_width<scalar_t>(width_total, b);
+      const int64_t valid = std::min(width, width_total - b * L2);
+      scalar_t* dst = packed + b * reduce * L2;
+      if (valid < width) {
+        for (int64_t c = 0; c < reduce; ++c) std::fill(dst + c * width + valid, dst + (c + 1) * width, scalar_t(0));
+      }
+      const scalar_t* col = src + b * L2 * j_stride;
+      if (j_stride == 1) {
+        for (int64_t c = 0; c < reduce; ++c)
+          for (int64_t lane = 0; lane < valid; ++lane) dst[c * width + lane] = col[c * c_stride + lane];
+      } else {
+        for (int64_t c0 = 0; c0 < reduce; c0 += kStep) {
+          const int64_t c1 = std::min(reduce, c0 + kStep);
+          for (int64_t lane = 0; lane < valid; ++lane)
+            for (int64_t c = c0; c < c1; ++c) dst[c * width + lane] = col[c * c_stride + lane * j_stride];
+        }
+      }
+    }
+  });
+}
+
+// out[r][j] = epilogue(init[j] + sum over c of a[r][c] * packed[c][j]) for a
+// row-major a (rows x reduce), packed by pack_columns: tiles of P rows x two
+// vectors of columns. Row tiles are split between threads; each output is
+// computed whole by one tile.
+template <typename scalar_t>
+void tile_gemm(
+    const scalar_t* a,
+    int64_t rows,
+    int64_t reduce,
+    const scalar_t* packed,
+    const scalar_t* init,  // [blocks][2 * lanes] or null
+    int64_t width_total,
+    bool relu,
+    scalar_t* out) {
+  constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
+  const cpu::ConvKernels<scalar_t>& kern = cpu::kernels<scalar_t>();
+  const int64_t P = kern.tiles.conv_pixels;
+  const int64_t blocks = cpu::ceil_div(width_total, L2);
+  const int64_t tiles = cpu::ceil_div(rows, P);
+  const int64_t tap_offset = 0;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t tile[cpu::kConvPixels * L2];
+    const scalar_t* base[cpu::kConvPixels];
+    for (int64_t t = begin; t < end; ++t) {
+      // The last tile repeats the last row: recomputed, stored once.
+      for (int64_t p = 0; p < P; ++p) base[p] = a + std::min(t * P + p, rows - 1) * reduce;
+      const int64_t tile_rows = std::min(P, rows - t * P);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t width = cpu::block_width<scalar_t>(width_total, b);
+        const int64_t valid = std::min(width, width_total - b * L2);
+        kern.conv[width > L2 / 2 ? 1 : 0](
+            base, &tap_offset, 1, reduce, packed + b * reduce * L2, init ? init + b * L2 : nullptr, tile);
+        for (int64_t p = 0; p < tile_rows; ++p) {
+          scalar_t* dst = out + (t * P + p) * width_total + b * L2;
+          const scalar_t* src = tile + p * width;
+          if (relu) {
+            for (int64_t j = 0; j < valid; ++j) dst[j] = std::max(src[j], scalar_t(0));
+          } else {
+            std::memcpy(dst, src, valid * sizeof(scalar_t));
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_weight[o][i] = sum over rows r of grad_pre[r][o] * input[r][i]: tiles of
+// up to R output features x two vectors of input features, each summed over
+// all rows in order by one thread (reproducible). The last column block, if
+// it is not whole vectors, is read from a zero-padded copy of its columns.
+template <typename scalar_t>
+void tile_weight_grad(
+    const scalar_t* grad_pre,
+    const scalar_t* input,
+    int64_t rows,
+    int64_t in_features,
+    int64_t out_features,
+    scalar_t* grad_weight) {
+  constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
+  const cpu::ConvKernels<scalar_t>& kern = cpu::kernels<scalar_t>();
+  const int64_t blocks = cpu::ceil_div(in_features, L2);
+  const int64_t last_width = cpu::block_width<scalar_t>(in_features, blocks - 1);
+  const bool ragged = (blocks - 1) * L2 + last_width > in_features;
+  std::vector<scalar_t> last_columns;
+  if (ragged) {
+    last_columns.assign(rows * last_width, scalar_t(0));
+    const int64_t first = (blocks - 1) * L2;
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(&last_columns[r * last_width], input + r * in_features + first, (in_features - first) * sizeof(scalar_t));
+  }
+  const int64_t max_rows = kern.tiles.wgrad_rows[1];
+  const auto feature_tiles = cpu::even_runs(out_features, max_rows);
+  const int64_t tiles = static_cast<int64_t>(feature_tiles.size());
+  at::parallel_for(0, blocks * tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t acc[cpu::kWgradMaxRows * L2];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / tiles;
+      const auto [o0, count] = feature_tiles[item % tiles];
+      const int64_t width = cpu::block_width<scalar_t>(in_features, b);
+      const bool padded = ragged && b == blocks - 1;
+      // One "row" of `rows` pixels: the scalar side is grad_pre (consecutive
+      // features), the vector side the input columns.
+      const cpu::WgradRows<scalar_t> wr{
+          grad_pre, padded ? last_columns.data() : input + b * L2, 0, 1, 1, rows, 0, 0, out_features,
+          0, 0, padded ? width : in_features};
+      std::fill(acc, acc + count * width, scalar_t(0));
+      kern.wgrad[1][width > L2 / 2 ? 1 : 0][count - 1](wr, &o0, acc);
+      const int64_t valid = std::min(width, in_features - b * L2);
+      for (int64_t o = 0; o < count; ++o)
+        std::memcpy(grad_weight + (o0 + o) * in_features + b * L2, acc + o * width, valid * sizeof(scalar_t));
+    }
+  });
+}
 
 // Rows per parallel task: enough work to amortise scheduling, small enough to
 // keep both cores busy on the reports' batch sizes.
@@ -45,12 +203,32 @@ at::Tensor linear_relu_cpu(
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
   const at::Tensor input_2d = input.reshape({-1, in_features});
-  at::Tensor out = at::mm(input_2d, weight.t());
   at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
-    bias_relu_inplace<scalar_t>(
-        out.data_ptr<scalar_t>(), bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
-        out.size(0), out_features);
+    const scalar_t* bias_data = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    if (use_tiles<scalar_t>(input_2d.size(0), in_features, out_features, kTileMinRowsForward)) {
+      const at::Tensor x = input_2d.contiguous();
+      const at::Tensor w = weight.contiguous();
+      // Columns are output features: packed[c][o] = weight[o][c].
+      at::Tensor keep_alive;
+      scalar_t* packed = cpu::workspace<scalar_t>(
+          cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(in_features, out_features), keep_alive);
+      pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), in_features, out_features, 1, in_features, packed);
+      std::vector<scalar_t> init;
+      if (bias_data != nullptr) {
+        init.resize(packed_size<scalar_t>(1, out_features));
+        pack_columns<scalar_t>(bias_data, 1, out_features, 0, 1, init.data());
+      }
+      out = at::empty({x.size(0), out_features}, x.options());
+      tile_gemm<scalar_t>(
+          x.const_data_ptr<scalar_t>(), x.size(0), in_features, packed,
+          bias_data != nullptr ? init.data() : nullptr, out_features, /*relu=*/true,
+          out.mutable_data_ptr<scalar_t>());
+    } else {
+      out = at::mm(input_2d, weight.t());
+      bias_relu_inplace<scalar_t>(out.data_ptr<scalar_t>(), bias_data, out.size(0), out_features);
+    }
   });
   return out.view(output_sizes(input, out_features));
 }
@@ -58,6 +236,7 @@ at::Tensor linear_relu_cpu(
 // grad_pre = grad_output * (output > 0), written in place of a fresh buffer, and
 // the bias gradient as its column sums. Columns are split between threads so
 // each sum is owned by one thread and summed in a fixed order (deterministic).
+// The sums of a column block run in a local array (no aliasing with the rows).
 template <typename scalar_t>
 void relu_mask_and_bias_grad(
     const scalar_t* grad_output,
@@ -69,17 +248,24 @@ void relu_mask_and_bias_grad(
   constexpr int64_t kColumnBlock = 64;
   const int64_t column_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
   at::parallel_for(0, column_blocks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = begin * kColumnBlock;
-    const int64_t c1 = std::min(cols, end * kColumnBlock);
-    if (grad_bias != nullptr) std::fill(grad_bias + c0, grad_bias + c1, scalar_t(0));
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* g = grad_output + r * cols;
-      const scalar_t* o = output + r * cols;
-      scalar_t* p = grad_pre + r * cols;
-      for (int64_t c = c0; c < c1; ++c) p[c] = o[c] > scalar_t(0) ? g[c] : scalar_t(0);
-      if (grad_bias != nullptr) {
-        for (int64_t c = c0; c < c1; ++c) grad_bias[c] += p[c];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * kColumnBlock;
+      const int64_t width = std::min(kColumnBlock, cols - c0);
+      scalar_t sums[kColumnBlock] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* __restrict g = grad_output + r * cols + c0;
+        const scalar_t* __restrict o = output + r * cols + c0;
+        scalar_t* __restrict p = grad_pre + r * cols + c0;
+        for (int64_t c = 0; c < width; ++c) {
+          // Both loads unconditional, so the select compiles to a vector blend
+          // instead of a branch on the data.
+          const scalar_t gv = g[c], ov = o[c];
+          const scalar_t masked = ov > scalar_t(0) ? gv : scalar_t(0);
+          p[c] = masked;
+          sums[c] += masked;
+        }
       }
+      if (grad_bias != nullptr) std::copy(sums, sums + width, grad_bias + c0);
     }
   });
 }
@@ -104,22 +290,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   const at::Tensor grad_2d = grad_output.reshape({-1, out_features}).contiguous();
   const at::Tensor out_2d = output.reshape({-1, out_features}).contiguous();
   const int64_t rows = grad_2d.size(0);
+  const auto options = grad_2d.options();
   at::Tensor grad_pre = at::empty_like(grad_2d);
-  at::Tensor grad_bias =
-      output_mask[2] ? at::empty({out_features}, grad_2d.options()) : at::empty({0}, grad_2d.options());
+  at::Tensor grad_bias = at::empty({output_mask[2] ? out_features : 0}, options);
+  at::Tensor grad_input = at::empty({0}, options);
+  at::Tensor grad_weight = at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_backward_cpu", [&] {
     relu_mask_and_bias_grad<scalar_t>(
         grad_2d.const_data_ptr<scalar_t>(), out_2d.const_data_ptr<scalar_t>(),
         grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr,
         rows, out_features);
+    // The input gradient's tiles reduce over the output features.
+    if (!use_tiles<scalar_t>(rows, out_features, out_features, kTileMinRowsBackward)) {
+      if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
+      if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), input.reshape({-1, in_features}));
+      return;
+    }
+    const scalar_t* gp = grad_pre.const_data_ptr<scalar_t>();
+    if (output_mask[0]) {
+      const at::Tensor w = weight.contiguous();
+      // Columns are input features, the reduction runs over output features:
+      // packed[o][i] = weight[o][i].
+      at::Tensor keep_alive;
+      scalar_t* packed = cpu::workspace<scalar_t>(
+          cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(out_features, in_features), keep_alive);
+      pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), out_features, in_features, in_features, 1, packed);
+      grad_input = at::empty(input.sizes(), options);
+      tile_gemm<scalar_t>(
+          gp, rows, out_features, packed, nullptr, in_features, /*relu=*/false,
+          grad_input.mutable_data_ptr<scalar_t>());
+    }
+    if (output_mask[1]) {
+      const at::Tensor x = input.reshape({-1, in_features}).contiguous();
+      grad_weight = at::empty(weight.sizes(), options);
+      tile_weight_grad<scalar_t>(
+          gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features,
+          grad_weight.mutable_data_ptr<scalar_t>());
+    }
   });
-
-  at::Tensor grad_input = output_mask[0]
-      ? at::mm(grad_pre, weight).view(input.sizes())
-      : at::empty({0}, grad_2d.options());
-  at::Tensor grad_weight = output_mask[1]
-      ? at::mm(grad_pre.t(), input.reshape({-1, in_features}))
-      : at::empty({0}, grad_2d.options());
   return {grad_input, grad_weight, grad_bias};
 }
 

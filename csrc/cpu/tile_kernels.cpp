@@ -1,0 +1,79 @@
+// The register-tile kernels of conv2d_kernels.h, compiled three times (AVX-512,
+// AVX2+FMA, baseline SSE2) inside `#pragma GCC target` regions, and the choice
+// among them at run time from the CPU's features: the default build stays
+// portable.
+#include "cpu/tile_kernels.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+namespace lightning_hw {
+namespace cpu {
+namespace {
+namespace isa_avx512 {
+// 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2
+// (or rows x channels x vectors up to 24), 4 channels x 6 positions.
+constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}, 24, 4, 6};
+constexpr int kIsaVectorBytes = 64;
+#include "conv2d_kernels.h"
+}  // namespace isa_avx512
+}  // namespace
+}  // namespace cpu
+}  // namespace lightning_hw
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace lightning_hw {
+namespace cpu {
+namespace {
+namespace isa_avx2 {
+// 12 of 16 ymm as accumulators (a 64-byte vector is two ymm); 9 for the planar
+// weight gradient, whose accumulators are single ymm.
+constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}, 12, 3, 3};
+constexpr int kIsaVectorBytes = 32;
+#include "conv2d_kernels.h"
+}  // namespace isa_avx2
+}  // namespace
+}  // namespace cpu
+}  // namespace lightning_hw
+#pragma GCC pop_options
+
+namespace lightning_hw {
+namespace cpu {
+namespace {
+namespace isa_baseline {
+// 8 to 12 of 16 xmm as accumulators (a 64-byte vector is four xmm); 9 for the
+// planar weight gradient, whose accumulators are single xmm.
+constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}, 12, 3, 3};
+constexpr int kIsaVectorBytes = 16;
+#include "conv2d_kernels.h"
+}  // namespace isa_baseline
+}  // namespace
+
+template <typename scalar_t>
+const ConvKernels<scalar_t>& kernels() {
+  static const ConvKernels<scalar_t> chosen = [] {
+    const char* forced = std::getenv("LIGHTNING_HW_CPU_ISA");
+    const std::string want = forced ? forced : "";
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx512 && (want.empty() || want == "avx512")) return isa_avx512::conv_kernels<scalar_t>();
+    if (avx2 && want != "baseline") return isa_avx2::conv_kernels<scalar_t>();
+    return isa_baseline::conv_kernels<scalar_t>();
+  }();
+  return chosen;
+}
+
+template const ConvKernels<float>& kernels<float>();
+template const ConvKernels<double>& kernels<double>();
+
+}  // namespace cpu
+}  // namespace lightning_hw
