@@ -542,20 +542,13 @@ at::Tensor conv2d_cpu(
     at::IntArrayRef dilation,
     int64_t groups,
     bool pad_same) {
-  check_operands("conv2d", input, weight, bias, {at::kFloat, at::kDouble}, "CPU");
-  const Conv2dShape s =
-      conv2d_shape_of(input, weight, bias, stride, padding, dilation, groups, pad_same);
-  const bool batched = input.dim() == 4;
-  std::vector<int64_t> size = {s.batch, s.out_channels, s.out_h, s.out_w};
-  if (!batched) size.erase(size.begin());
-  at::Tensor out = at::empty(size, input.options());
-  if (out.numel() == 0) return out;
-  at::Tensor out4 = batched ? out : out.unsqueeze(0);
-  const at::Tensor input4 = batched ? input : input.unsqueeze(0);
+  Conv2dForwardSetup setup = conv2d_forward_setup(
+      input, weight, bias, stride, padding, dilation, groups, pad_same, {at::kFloat, at::kDouble}, "CPU");
+  if (setup.out.numel() == 0) return setup.out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d", [&] {
-    conv2d_forward_impl<scalar_t>(input4, weight, bias, s, out4);
+    conv2d_forward_impl<scalar_t>(setup.input4, weight, bias, setup.shape, setup.out4);
   });
-  return out;
+  return setup.out;
 }
 
 // grad_input: the direct convolution of grad_output, zero-stuffed by the
@@ -909,23 +902,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     int64_t groups,
     bool pad_same,
     std::array<bool, 3> output_mask) {
-  check_operands("conv2d_backward", input, weight, std::nullopt, {at::kFloat, at::kDouble}, "CPU");
-  const Conv2dShape s =
-      conv2d_shape_of(input, weight, std::nullopt, stride, padding, dilation, groups, pad_same);
-  const bool batched = input.dim() == 4;
-  std::vector<int64_t> out_size = {s.batch, s.out_channels, s.out_h, s.out_w};
-  if (!batched) out_size.erase(out_size.begin());
-  check_grad_output("conv2d_backward", grad_output, input, out_size);
-
-  const auto options = grad_output.options();
-  at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), options) : at::empty({0}, options);
-  at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), options) : at::empty({0}, options);
-  at::Tensor grad_bias = output_mask[2] ? at::empty({s.out_channels}, options) : at::empty({0}, options);
-  if (s.batch == 0) {  // nothing to sum: zero parameter gradients, empty input gradient
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return {grad_input, grad_weight, grad_bias};
-  }
+  Conv2dBackwardSetup setup = conv2d_backward_setup(
+      grad_output, input, weight, stride, padding, dilation, groups, pad_same, output_mask,
+      {at::kFloat, at::kDouble}, "CPU");
+  const Conv2dShape& s = setup.shape;
+  at::Tensor& grad_input = setup.grad_input;
+  at::Tensor& grad_weight = setup.grad_weight;
+  at::Tensor& grad_bias = setup.grad_bias;
+  if (s.batch == 0) return {grad_input, grad_weight, grad_bias};
+  const bool batched = setup.batched;
   const at::Tensor grad4 = batched ? grad_output : grad_output.unsqueeze(0);
   const at::Tensor input4 = batched ? input : input.unsqueeze(0);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_backward", [&] {
