@@ -25,8 +25,9 @@ enum WorkspaceSlot {
   kRowsSlot = 3,       // per-thread rows of the planar kernels
   kGradRowsSlot = 4,   // per-thread grad_output rows of the planar weight gradient
   kPartialSlot = 5,    // partial sums of the weight gradient
-  kPackedSlot = 6,     // linear_relu's packed weights
-  kSlotCount = 7
+  kPackedSlot = 6,     // linear_relu's packed weights, or its transposed small operand
+  kStreamSlot = 7,     // linear_relu's streamed GEMMs: partial sums, padded last columns
+  kSlotCount = 8
 };
 }  // namespace workspace_slots
 constexpr int64_t kWorkspaceCacheLimit = int64_t(64) << 20;
