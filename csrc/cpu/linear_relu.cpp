@@ -1,9 +1,12 @@
-// Fused Linear+ReLU on CPU. Narrow layers (few output features, as a
-// classifier head) run on our register-tile kernels, the GEMMs as 1x1
-// convolutions with bias and ReLU applied as each tile is stored: BLAS is at
-// its weakest on such thin matrices. Wider layers use torch's BLAS (at::mm) and
-// fuse bias and ReLU in one pass over its output. In the backward, the ReLU
-// mask and the bias gradient take one pass over grad_output.
+// Fused Linear+ReLU on CPU, three routes for the GEMMs. Wide layers on at
+// most as many rows as outputs take the streamed GEMMs (the weight read once in
+// its own layout, see use_streamed). Narrow layers (few output features, as a
+// classifier head) and wide ones on many rows run on our register-tile
+// kernels, the GEMMs as 1x1 convolutions with bias and ReLU applied as each
+// tile is stored: BLAS is at its weakest on such thin matrices. The rest use
+// torch's BLAS (at::mm) and fuse bias and ReLU in one pass over its output. In
+// the backward, the ReLU mask and the bias gradient take one pass over
+// grad_output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -177,16 +180,21 @@ void tile_weight_grad(
 // keep both cores busy on the reports' batch sizes.
 constexpr int64_t kRowGrain = 16;
 
-// Wide layers on few rows (the fruit CNN's 6728->841 at batch 32): each GEMM
-// does 2 x rows flops per weight element, enough to be compute-bound, but BLAS
+// Wide layers (more than kTileMaxOutFeatures outputs) on at most as many rows
+// as outputs, as the fruit CNN's 6728->841 at batch 32: each GEMM does
+// 2 x rows flops per weight element, enough to be compute-bound, but BLAS
 // reaches less than half of peak there and packing the weight for the conv
 // tiles costs as much as the GEMM. The streamed GEMMs read the weight in its
-// own (out, in) layout, once per block of two vectors of rows, and re-lay
-// only the small operands (rows x features). Measured in benchmarks/NOTES.md
-// (round 2).
-constexpr int64_t kStreamMaxRows = 64;
+// own (out, in) layout, once, and re-lay only the rows (rows x features),
+// which they re-read from cache once per tile of weight rows: past as many
+// rows as outputs the packed tiles win (3072->128 on 1000 rows). Measured in
+// benchmarks/NOTES.md (round 2).
+bool use_streamed(int64_t rows, int64_t out_features) {
+  return rows > 0 && out_features > kTileMaxOutFeatures && rows <= out_features;
+}
+
 // Reduction chunks: the forward's chunk of transposed rows (chunk x two
-// vectors, 128 KiB) stays in L2 while its tiles sweep the weight rows; the
+// vectors, 128 KiB per block of rows) stays in L2 while its tiles sweep the weight rows; the
 // input gradient's chunk of weight columns (chunk x two vectors) stays in L2
 // while every row tile reads it (a whole 841-feature reduction is one chunk).
 // The weight gradient sweeps its input columns in chunks of this many blocks,
@@ -194,10 +202,6 @@ constexpr int64_t kStreamMaxRows = 64;
 constexpr int64_t kStreamForwardChunk = 1024;
 constexpr int64_t kStreamInputGradChunk = 1024;
 constexpr int64_t kStreamWeightGradBlocks = 32;
-
-bool use_streamed(int64_t rows, int64_t out_features) {
-  return rows > 0 && rows <= kStreamMaxRows && out_features > kTileMaxOutFeatures;
-}
 
 // out[r][o] = relu(bias[o] + sum over c of x[r][c] * w[o][c]): tiles of P
 // weight rows (broadcast) x a block of two vectors of x's rows, transposed by
@@ -517,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
             grad_input.mutable_data_ptr<scalar_t>());
       }
       if (output_mask[1]) {
-        grad_weight = at::empty(weight.sizes(), options);
+        grad_weight = cpu::recycled_empty(weight.sizes(), options);
         streamed_weight_grad<scalar_t>(
             gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features,
             grad_weight.mutable_data_ptr<scalar_t>());
@@ -527,7 +531,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     // The input gradient's tiles reduce over the output features.
     if (!use_tiles<scalar_t>(rows, out_features, out_features, kTileMinRowsBackward)) {
       if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
-      if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), input.reshape({-1, in_features}));
+      if (output_mask[1]) {
+        grad_weight = cpu::recycled_empty(weight.sizes(), options);
+        at::mm_out(grad_weight, grad_pre.t(), input.reshape({-1, in_features}));
+      }
       return;
     }
     if (output_mask[0]) {
@@ -545,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     }
     if (output_mask[1]) {
       const at::Tensor x = input.reshape({-1, in_features}).contiguous();
-      grad_weight = at::empty(weight.sizes(), options);
+      grad_weight = cpu::recycled_empty(weight.sizes(), options);
       tile_weight_grad<scalar_t>(
           gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features,
           grad_weight.mutable_data_ptr<scalar_t>());
