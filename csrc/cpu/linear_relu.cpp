@@ -27,8 +27,9 @@ constexpr at::ScalarType kCpuDtypes[] = {at::kFloat, at::kDouble};
 // Which GEMMs take the tile kernels (rows x two vectors of columns per tile,
 // the whole reduction in one pass, so a packed block of weights, reduce x two
 // vectors, must stay within half of L2): narrow layers (few output features, as a
-// classifier head) always, where BLAS is at its weakest; wider ones once there
-// are enough rows to repay re-packing the weights on every call. The forward
+// classifier head) always, where BLAS is at its weakest; wider ones (more rows
+// than outputs: see use_streamed) once there are enough rows to repay
+// re-packing the weights on every call. The forward
 // packs a transposed copy, the input gradient a plain one, so the forward
 // needs more rows. Measured in benchmarks/NOTES.md (steps 9-10).
 constexpr int64_t kTileMaxOutFeatures = 64;
@@ -194,11 +195,12 @@ bool use_streamed(int64_t rows, int64_t out_features) {
 }
 
 // Reduction chunks: the forward's chunk of transposed rows (chunk x two
-// vectors, 128 KiB per block of rows) stays in L2 while its tiles sweep the weight rows; the
-// input gradient's chunk of weight columns (chunk x two vectors) stays in L2
-// while every row tile reads it (a whole 841-feature reduction is one chunk).
-// The weight gradient sweeps its input columns in chunks of this many blocks,
-// which stay in L2 while every output tile reads them.
+// vectors, 128 KiB per block of rows) stays in cache while its tiles sweep
+// the weight rows; the input gradient's chunk of weight columns (chunk x two
+// vectors) stays in L2 while every row tile reads it (a whole 841-feature
+// reduction is one chunk). The weight gradient sweeps its input columns in
+// chunks of this many blocks, which stay in L2 while every output tile reads
+// them. Chunk sizes between a quarter and twice these measured within 10%.
 constexpr int64_t kStreamForwardChunk = 1024;
 constexpr int64_t kStreamInputGradChunk = 1024;
 constexpr int64_t kStreamWeightGradBlocks = 32;
@@ -315,7 +317,8 @@ void streamed_input_grad(
     }
     if (ragged && end == blocks) {
       for (int64_t r = 0; r < rows; ++r)
-        std::memcpy(grad_input + r * in_features + last, last_out + r * last_width, (in_features - last) * sizeof(scalar_t));
+        std::memcpy(
+            grad_input + r * in_features + last, last_out + r * last_width, (in_features - last) * sizeof(scalar_t));
     }
   });
 }
