@@ -46,9 +46,10 @@ bool use_tiles(int64_t rows, int64_t reduce, int64_t out_features, int64_t min_r
 // Packs a (reduce x width_total) matrix, element (c, j) at
 // src[c * c_stride + j * j_stride], into blocks of two vectors of columns:
 // packed[block][c][width] (packed_size elements), lanes past width_total
-// zero. This is the layout conv_tile reads its weights in. Blocks are packed
-// in parallel; a transposing pack (j_stride > 1) goes 16 reduced indices at a
-// time, so that it reads whole cache lines and its writes stay in L1.
+// zero. This is the layout conv_tile reads its weights in. Blocks and runs of
+// reduced indices are packed in parallel; a transposing pack (j_stride > 1)
+// goes 16 reduced indices at a time, so that it reads whole cache lines and
+// its writes stay in L1.
 template <typename scalar_t>
 int64_t packed_size(int64_t reduce, int64_t width_total) {
   return cpu::ceil_div(width_total, 2 * cpu::lanes<scalar_t>()) * reduce * 2 * cpu::lanes<scalar_t>();
@@ -59,22 +60,30 @@ void pack_columns(
     const scalar_t* src, int64_t reduce, int64_t width_total, int64_t c_stride, int64_t j_stride, scalar_t* packed) {
   constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
   constexpr int64_t kStep = 16;
+  // Runs of reduced indices too, so that a single block (the transposed rows
+  // of a small batch) is packed by every thread.
+  constexpr int64_t kRun = 32 * kStep;
   const int64_t blocks = cpu::ceil_div(width_total, L2);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
+  const int64_t runs = cpu::ceil_div(reduce, kRun);
+  at::parallel_for(0, blocks * runs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / runs;
+      const int64_t run_begin = (item % runs) * kRun;
+      const int64_t run_end = std::min(reduce, run_begin + kRun);
       const int64_t width = cpu::block_width<scalar_t>(width_total, b);
       const int64_t valid = std::min(width, width_total - b * L2);
       scalar_t* dst = packed + b * reduce * L2;
       if (valid < width) {
-        for (int64_t c = 0; c < reduce; ++c) std::fill(dst + c * width + valid, dst + (c + 1) * width, scalar_t(0));
+        for (int64_t c = run_begin; c < run_end; ++c)
+          std::fill(dst + c * width + valid, dst + (c + 1) * width, scalar_t(0));
       }
       const scalar_t* col = src + b * L2 * j_stride;
       if (j_stride == 1) {
-        for (int64_t c = 0; c < reduce; ++c)
+        for (int64_t c = run_begin; c < run_end; ++c)
           for (int64_t lane = 0; lane < valid; ++lane) dst[c * width + lane] = col[c * c_stride + lane];
       } else {
-        for (int64_t c0 = 0; c0 < reduce; c0 += kStep) {
-          const int64_t c1 = std::min(reduce, c0 + kStep);
+        for (int64_t c0 = run_begin; c0 < run_end; c0 += kStep) {
+          const int64_t c1 = std::min(run_end, c0 + kStep);
           for (int64_t lane = 0; lane < valid; ++lane)
             for (int64_t c = c0; c < c1; ++c) dst[c * width + lane] = col[c * c_stride + lane * j_stride];
         }
