@@ -61,10 +61,19 @@ def check_against_torch(x, w, b, dtype):
         ((256, 841), 841, 29),
         ((50, 96), 96, 64),
         ((13, 40), 40, 40),
-        ((9, 33), 33, 65),  # wide and few rows: BLAS both ways
-        ((40, 50), 50, 70),  # wide, some rows: BLAS forward, tiles backward
-        ((600, 40), 40, 70),  # wide with many rows: tiles both ways
-        ((64, 8200), 8200, 70),  # weight block past L2: BLAS forward, tiles backward
+        ((600, 40), 40, 70),  # wide with more rows than outputs: tiles both ways
+        ((80, 8200), 8200, 70),  # weight block past L2: BLAS forward, tiles backward
+        # Streamed GEMMs (wide, at most as many rows as outputs): fewer rows
+        # than a tile, ragged last column block, two blocks of rows of which
+        # the last is one vector, reductions of several chunks both ways, a
+        # last column block of one whole vector, whole blocks only, one row.
+        ((5, 100), 100, 65),
+        ((9, 33), 33, 65),
+        ((40, 1100), 1100, 90),
+        ((20, 48), 48, 1030),
+        ((64, 96), 96, 200),
+        ((1, 17), 17, 200),
+        ((3, 4, 33), 33, 100),
     ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -73,6 +82,17 @@ def test_matches_torch(dtype, input_shape, in_features, out_features, with_bias)
     w = torch.randn(out_features, in_features, dtype=dtype, requires_grad=True)
     b = torch.randn(out_features, dtype=dtype, requires_grad=True) if with_bias else None
     check_against_torch(x, w, b, dtype)
+
+
+def test_blas_backward_of_a_very_wide_layer():
+    # More rows than outputs and a packed output block past half of L2 (over
+    # 4096 outputs): BLAS backward, the weight gradient in a recycled buffer.
+    # Integer operands keep the 16.8 million pre-activations exact: with
+    # rounding, a few near 0 would take the other side of the ReLU than torch's.
+    x = torch.randint(-2, 3, (4100, 8)).float().requires_grad_()
+    w = torch.randint(-2, 3, (4097, 8)).float().requires_grad_()
+    b = torch.randint(-2, 3, (4097,)).float().requires_grad_()
+    check_against_torch(x, w, b, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -110,7 +130,7 @@ _ISA_CHECK = """
 import torch, torch.nn.functional as F
 from lightning_hw import ops
 torch.manual_seed(0)
-for rows, fin, fout in [(30, 841, 29), (7, 40, 40), (5, 96, 64)]:
+for rows, fin, fout in [(30, 841, 29), (7, 40, 40), (5, 96, 64), (20, 100, 70), (40, 1100, 90), (3, 48, 1030)]:
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(rows, fin, dtype=dtype, requires_grad=True)
         w = (torch.randn(fout, fin, dtype=dtype) / fin**0.5).requires_grad_()
@@ -125,28 +145,62 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_lesser_instruction_sets(isa):
-    """The tile kernels' AVX2 and baseline variants (forced by environment)."""
+    """The tile kernels' and streamed GEMMs' AVX2 and baseline variants (forced by environment)."""
     env = dict(os.environ, LIGHTNING_HW_CPU_ISA=isa)
     result = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
 
 
-def test_weight_grad_is_thread_count_independent():
-    x = torch.randn(300, 841)
-    w = torch.randn(29, 841)
-    out = ops.linear_relu(x, w)
-    grad = torch.randn_like(out)
+@pytest.mark.parametrize("rows,in_features,out_features", [(300, 841, 29), (40, 1100, 90)])
+def test_results_are_thread_count_independent(rows, in_features, out_features):
+    """Tiles and streamed GEMMs: each output is summed by one thread in a fixed order."""
+    x = torch.randn(rows, in_features)
+    w = torch.randn(out_features, in_features)
+    b = torch.randn(out_features)
     backward = torch.ops.lightning_hw.linear_relu_backward
-    first = backward(grad, out, x, w, [True, True, True])
+
+    def run():
+        out = ops.linear_relu(x, w, b)
+        return (out,) + tuple(backward(grad, out, x, w, [True, True, True]))
+
+    grad = torch.randn(rows, out_features)
+    first = run()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = backward(grad, out, x, w, [True, True, True])
+        single = run()
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(first, single):
         assert torch.equal(a, b)
+
+
+def test_large_weight_gradients_are_recycled_and_independent():
+    """Weight gradients of 4 MB and more come from buffers released by earlier
+    ones (no heap re-growth and page faults every training step): a live
+    gradient is never shared, a released one is reused."""
+    x = torch.randn(16, 1100)
+    w = torch.randn(1000, 1100) / 1100**0.5
+    out = ops.linear_relu(x, w)
+    backward = torch.ops.lightning_hw.linear_relu_backward
+    grads = [torch.randn_like(out) for _ in range(3)]
+
+    def weight_grad(grad):
+        return backward(grad, out, x, w, [False, True, False])[1]
+
+    def expected(grad):
+        return (grad * (out > 0)).t() @ x
+
+    first = weight_grad(grads[0])
+    second = weight_grad(grads[1])
+    assert first.data_ptr() != second.data_ptr()
+    released = first.data_ptr()
+    del first
+    third = weight_grad(grads[2])
+    assert third.data_ptr() == released
+    assert_close(second, expected(grads[1]), torch.float32)
+    assert_close(third, expected(grads[2]), torch.float32)
 
 
 def test_gradcheck_float64():

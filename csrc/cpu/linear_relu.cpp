@@ -1,9 +1,12 @@
-// Fused Linear+ReLU on CPU. Narrow layers (few output features, as a
-// classifier head) run on our register-tile kernels, the GEMMs as 1x1
-// convolutions with bias and ReLU applied as each tile is stored: BLAS is at
-// its weakest on such thin matrices. Wider layers use torch's BLAS (at::mm) and
-// fuse bias and ReLU in one pass over its output. In the backward, the ReLU
-// mask and the bias gradient take one pass over grad_output.
+// Fused Linear+ReLU on CPU, three routes for the GEMMs. Wide layers on at
+// most as many rows as outputs take the streamed GEMMs (the weight read once in
+// its own layout, see use_streamed). Narrow layers (few output features, as a
+// classifier head) and wide ones on many rows run on our register-tile
+// kernels, the GEMMs as 1x1 convolutions with bias and ReLU applied as each
+// tile is stored: BLAS is at its weakest on such thin matrices. The rest use
+// torch's BLAS (at::mm) and fuse bias and ReLU in one pass over its output. In
+// the backward, the ReLU mask and the bias gradient take one pass over
+// grad_output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,8 +27,9 @@ constexpr at::ScalarType kCpuDtypes[] = {at::kFloat, at::kDouble};
 // Which GEMMs take the tile kernels (rows x two vectors of columns per tile,
 // the whole reduction in one pass, so a packed block of weights, reduce x two
 // vectors, must stay within half of L2): narrow layers (few output features, as a
-// classifier head) always, where BLAS is at its weakest; wider ones once there
-// are enough rows to repay re-packing the weights on every call. The forward
+// classifier head) always, where BLAS is at its weakest; wider ones (more rows
+// than outputs: see use_streamed) once there are enough rows to repay
+// re-packing the weights on every call. The forward
 // packs a transposed copy, the input gradient a plain one, so the forward
 // needs more rows. Measured in benchmarks/NOTES.md (steps 9-10).
 constexpr int64_t kTileMaxOutFeatures = 64;
@@ -42,9 +46,10 @@ bool use_tiles(int64_t rows, int64_t reduce, int64_t out_features, int64_t min_r
 // Packs a (reduce x width_total) matrix, element (c, j) at
 // src[c * c_stride + j * j_stride], into blocks of two vectors of columns:
 // packed[block][c][width] (packed_size elements), lanes past width_total
-// zero. This is the layout conv_tile reads its weights in. Blocks are packed
-// in parallel; a transposing pack (j_stride > 1) goes 16 reduced indices at a
-// time, so that it reads whole cache lines and its writes stay in L1.
+// zero. This is the layout conv_tile reads its weights in. Blocks and runs of
+// reduced indices are packed in parallel; a transposing pack (j_stride > 1)
+// goes 16 reduced indices at a time, so that it reads whole cache lines and
+// its writes stay in L1.
 template <typename scalar_t>
 int64_t packed_size(int64_t reduce, int64_t width_total) {
   return cpu::ceil_div(width_total, 2 * cpu::lanes<scalar_t>()) * reduce * 2 * cpu::lanes<scalar_t>();
@@ -55,22 +60,30 @@ void pack_columns(
     const scalar_t* src, int64_t reduce, int64_t width_total, int64_t c_stride, int64_t j_stride, scalar_t* packed) {
   constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
   constexpr int64_t kStep = 16;
+  // Runs of reduced indices too, so that a single block (the transposed rows
+  // of a small batch) is packed by every thread.
+  constexpr int64_t kRun = 32 * kStep;
   const int64_t blocks = cpu::ceil_div(width_total, L2);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
+  const int64_t runs = cpu::ceil_div(reduce, kRun);
+  at::parallel_for(0, blocks * runs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / runs;
+      const int64_t run_begin = (item % runs) * kRun;
+      const int64_t run_end = std::min(reduce, run_begin + kRun);
       const int64_t width = cpu::block_width<scalar_t>(width_total, b);
       const int64_t valid = std::min(width, width_total - b * L2);
       scalar_t* dst = packed + b * reduce * L2;
       if (valid < width) {
-        for (int64_t c = 0; c < reduce; ++c) std::fill(dst + c * width + valid, dst + (c + 1) * width, scalar_t(0));
+        for (int64_t c = run_begin; c < run_end; ++c)
+          std::fill(dst + c * width + valid, dst + (c + 1) * width, scalar_t(0));
       }
       const scalar_t* col = src + b * L2 * j_stride;
       if (j_stride == 1) {
-        for (int64_t c = 0; c < reduce; ++c)
+        for (int64_t c = run_begin; c < run_end; ++c)
           for (int64_t lane = 0; lane < valid; ++lane) dst[c * width + lane] = col[c * c_stride + lane];
       } else {
-        for (int64_t c0 = 0; c0 < reduce; c0 += kStep) {
-          const int64_t c1 = std::min(reduce, c0 + kStep);
+        for (int64_t c0 = run_begin; c0 < run_end; c0 += kStep) {
+          const int64_t c1 = std::min(run_end, c0 + kStep);
           for (int64_t lane = 0; lane < valid; ++lane)
             for (int64_t c = c0; c < c1; ++c) dst[c * width + lane] = col[c * c_stride + lane * j_stride];
         }
@@ -177,6 +190,208 @@ void tile_weight_grad(
 // keep both cores busy on the reports' batch sizes.
 constexpr int64_t kRowGrain = 16;
 
+// Wide layers (more than kTileMaxOutFeatures outputs) on at most as many rows
+// as outputs, as the fruit CNN's 6728->841 at batch 32: each GEMM does
+// 2 x rows flops per weight element, enough to be compute-bound, but BLAS
+// reaches less than half of peak there and packing the weight for the conv
+// tiles costs as much as the GEMM. The streamed GEMMs read the weight in its
+// own (out, in) layout, once, and re-lay only the rows (rows x features),
+// which they re-read from cache once per tile of weight rows: past as many
+// rows as outputs the packed tiles win (3072->128 on 1000 rows). Measured in
+// benchmarks/NOTES.md (round 2).
+bool use_streamed(int64_t rows, int64_t out_features) {
+  return rows > 0 && out_features > kTileMaxOutFeatures && rows <= out_features;
+}
+
+// Reduction chunks: the forward's chunk of transposed rows (chunk x two
+// vectors, 128 KiB per block of rows) stays in cache while its tiles sweep
+// the weight rows; the input gradient's chunk of weight columns (chunk x two
+// vectors) stays in L2 while every row tile reads it (a whole 841-feature
+// reduction is one chunk). The weight gradient sweeps its input columns in
+// chunks of this many blocks, which stay in L2 while every output tile reads
+// them. Chunk sizes between a quarter and twice these measured within 10%.
+constexpr int64_t kStreamForwardChunk = 1024;
+constexpr int64_t kStreamInputGradChunk = 1024;
+constexpr int64_t kStreamWeightGradBlocks = 32;
+
+// out[r][o] = relu(bias[o] + sum over c of x[r][c] * w[o][c]): tiles of P
+// weight rows (broadcast) x a block of two vectors of x's rows, transposed by
+// pack_columns. Weight tiles are split between threads; each sums its
+// reduction in chunks, in order, into partial[row block][o][width], then
+// writes its outputs with bias and ReLU.
+template <typename scalar_t>
+void streamed_forward(
+    const scalar_t* x,
+    const scalar_t* w,
+    const scalar_t* bias,
+    int64_t rows,
+    int64_t in_features,
+    int64_t out_features,
+    scalar_t* out) {
+  constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
+  const cpu::GemmKernels<scalar_t>& kern = cpu::gemm_kernels<scalar_t>();
+  const int64_t P = kern.rows_per_tile;
+  const int64_t row_blocks = cpu::ceil_div(rows, L2);
+  const int64_t tiles = cpu::ceil_div(out_features, P);
+  const int64_t padded_out = tiles * P;
+  at::Tensor keep_packed, keep_partial;
+  scalar_t* xt = cpu::workspace<scalar_t>(
+      cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(in_features, rows), keep_packed);
+  pack_columns<scalar_t>(x, in_features, rows, 1, in_features, xt);
+  scalar_t* partial =
+      cpu::workspace<scalar_t>(cpu::workspace_slots::kStreamSlot, row_blocks * padded_out * L2, keep_partial);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const scalar_t* a[cpu::kConvPixels];
+    scalar_t* c[cpu::kConvPixels];
+    for (int64_t c0 = 0; c0 < in_features; c0 += kStreamForwardChunk) {
+      const int64_t count = std::min(kStreamForwardChunk, in_features - c0);
+      for (int64_t t = begin; t < end; ++t) {
+        // Rows past out_features repeat the last weight row into padding.
+        for (int64_t p = 0; p < P; ++p) a[p] = w + std::min(t * P + p, out_features - 1) * in_features + c0;
+        for (int64_t rb = 0; rb < row_blocks; ++rb) {
+          const int64_t width = cpu::block_width<scalar_t>(rows, rb);
+          for (int64_t p = 0; p < P; ++p) c[p] = partial + rb * padded_out * L2 + (t * P + p) * width;
+          kern.broadcast[width > L2 / 2 ? 1 : 0](
+              a, xt + rb * in_features * L2 + c0 * width, width, count, c, c0 > 0, nullptr);
+        }
+      }
+    }
+    const int64_t o_end = std::min(end * P, out_features);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t rb = r / L2;
+      const int64_t width = cpu::block_width<scalar_t>(rows, rb);
+      const scalar_t* src = partial + rb * padded_out * L2 + (r - rb * L2);
+      scalar_t* dst = out + r * out_features;
+      for (int64_t o = begin * P; o < o_end; ++o)
+        dst[o] = std::max(src[o * width] + (bias != nullptr ? bias[o] : scalar_t(0)), scalar_t(0));
+    }
+  });
+}
+
+// grad_input[r][i] = sum over o of grad_pre[r][o] * w[o][i]: tiles of P rows
+// of grad_pre (broadcast) x two vectors of input features read straight from
+// the weight rows. Column blocks are split between threads; the reduction
+// runs in chunks, in order, accumulating in grad_input. A last block that is
+// not whole vectors reads a zero-padded copy of its weight columns and writes
+// to a padded buffer first.
+template <typename scalar_t>
+void streamed_input_grad(
+    const scalar_t* grad_pre,
+    const scalar_t* w,
+    int64_t rows,
+    int64_t in_features,
+    int64_t out_features,
+    scalar_t* grad_input) {
+  constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
+  const cpu::GemmKernels<scalar_t>& kern = cpu::gemm_kernels<scalar_t>();
+  const int64_t P = kern.rows_per_tile;
+  const int64_t blocks = cpu::ceil_div(in_features, L2);
+  const int64_t last = (blocks - 1) * L2;
+  const int64_t last_width = cpu::block_width<scalar_t>(in_features, blocks - 1);
+  const bool ragged = last + last_width > in_features;
+  at::Tensor keep_last;
+  scalar_t* last_w = nullptr;    // [out_features][last_width]
+  scalar_t* last_out = nullptr;  // [rows][last_width]
+  if (ragged) {
+    last_w = cpu::workspace<scalar_t>(
+        cpu::workspace_slots::kStreamSlot, (out_features + rows) * last_width, keep_last);
+    last_out = last_w + out_features * last_width;
+    pack_columns<scalar_t>(w + last, out_features, in_features - last, in_features, 1, last_w);
+  }
+  const int64_t row_tiles = cpu::ceil_div(rows, P);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const scalar_t* a[cpu::kConvPixels];
+    scalar_t* c[cpu::kConvPixels];
+    for (int64_t o0 = 0; o0 < out_features; o0 += kStreamInputGradChunk) {
+      const int64_t count = std::min(kStreamInputGradChunk, out_features - o0);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t width = cpu::block_width<scalar_t>(in_features, b);
+        const bool padded = ragged && b == blocks - 1;
+        const scalar_t* cols = padded ? last_w + o0 * width : w + o0 * in_features + b * L2;
+        for (int64_t t = 0; t < row_tiles; ++t) {
+          // Rows past the last repeat it (broadcast_tile allows that).
+          for (int64_t p = 0; p < P; ++p) {
+            const int64_t r = std::min(t * P + p, rows - 1);
+            a[p] = grad_pre + r * out_features + o0;
+            c[p] = padded ? last_out + r * width : grad_input + r * in_features + b * L2;
+          }
+          // The row tiles fetch the next block's weight columns (a piece of
+          // each weight row, which no hardware prefetcher sees coming), each
+          // tile one of the up to three cache lines a misaligned piece spans.
+          const bool next_in_place = b + 1 < end && !(ragged && b + 2 == blocks);
+          const scalar_t* next = next_in_place && t < 3 ? cols + std::min(t * L2 / 2, L2 - 1) + L2 : nullptr;
+          kern.broadcast[width > L2 / 2 ? 1 : 0](a, cols, padded ? width : in_features, count, c, o0 > 0, next);
+        }
+      }
+    }
+    if (ragged && end == blocks) {
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(
+            grad_input + r * in_features + last, last_out + r * last_width, (in_features - last) * sizeof(scalar_t));
+    }
+  });
+}
+
+// grad_weight[o][i] = sum over rows r of grad_pre[r][o] * input[r][i]: tiles
+// of P output features (broadcast from grad_pre transposed) x two vectors of
+// input features read straight from the input rows, each summed over all rows
+// in order by one thread (reproducible) and stored once. Output tiles are
+// split between threads. A last block that is not whole vectors reads a
+// zero-padded copy of its input columns.
+template <typename scalar_t>
+void streamed_weight_grad(
+    const scalar_t* grad_pre,
+    const scalar_t* input,
+    int64_t rows,
+    int64_t in_features,
+    int64_t out_features,
+    scalar_t* grad_weight) {
+  constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
+  const cpu::GemmKernels<scalar_t>& kern = cpu::gemm_kernels<scalar_t>();
+  const int64_t P = kern.rows_per_tile;
+  const int64_t blocks = cpu::ceil_div(in_features, L2);
+  const int64_t last = (blocks - 1) * L2;
+  const int64_t last_width = cpu::block_width<scalar_t>(in_features, blocks - 1);
+  const bool ragged = last + last_width > in_features;
+  at::Tensor keep_alive;
+  // [out_features][rows] grad_pre transposed, then [rows][last_width] input columns.
+  scalar_t* grad_t = cpu::workspace<scalar_t>(
+      cpu::workspace_slots::kPackedSlot, out_features * rows + (ragged ? rows * last_width : 0), keep_alive);
+  scalar_t* last_x = grad_t + out_features * rows;
+  at::parallel_for(0, out_features, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t r = 0; r < rows; ++r) grad_t[o * rows + r] = grad_pre[r * out_features + o];
+  });
+  if (ragged) pack_columns<scalar_t>(input + last, rows, in_features - last, in_features, 1, last_x);
+  const int64_t tiles = cpu::ceil_div(out_features, P);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const scalar_t* a[cpu::kConvPixels];
+    scalar_t* c[cpu::kConvPixels];
+    alignas(64) scalar_t padded_tile[cpu::kConvPixels * L2];
+    for (int64_t b0 = 0; b0 < blocks; b0 += kStreamWeightGradBlocks) {
+      const int64_t b1 = std::min(blocks, b0 + kStreamWeightGradBlocks);
+      for (int64_t t = begin; t < end; ++t) {
+        // Features past the last repeat it (broadcast_tile allows that).
+        for (int64_t p = 0; p < P; ++p) a[p] = grad_t + std::min(t * P + p, out_features - 1) * rows;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t width = cpu::block_width<scalar_t>(in_features, b);
+          const bool padded = ragged && b == blocks - 1;
+          for (int64_t p = 0; p < P; ++p)
+            c[p] = padded ? padded_tile + p * width
+                          : grad_weight + std::min(t * P + p, out_features - 1) * in_features + b * L2;
+          kern.broadcast[width > L2 / 2 ? 1 : 0](
+              a, padded ? last_x : input + b * L2, padded ? width : in_features, rows, c, false, nullptr);
+          if (padded) {
+            for (int64_t p = 0; p < P && t * P + p < out_features; ++p)
+              std::memcpy(grad_weight + (t * P + p) * in_features + last, padded_tile + p * width,
+                          (in_features - last) * sizeof(scalar_t));
+          }
+        }
+      }
+    }
+  });
+}
+
 std::vector<int64_t> output_sizes(const at::Tensor& input, int64_t out_features) {
   std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end() - 1);
   sizes.push_back(out_features);
@@ -207,7 +422,14 @@ at::Tensor linear_relu_cpu(
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
     const scalar_t* bias_data = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    if (use_tiles<scalar_t>(input_2d.size(0), in_features, out_features, kTileMinRowsForward)) {
+    if (use_streamed(input_2d.size(0), out_features)) {
+      const at::Tensor x = input_2d.contiguous();
+      const at::Tensor w = weight.contiguous();
+      out = at::empty({x.size(0), out_features}, x.options());
+      streamed_forward<scalar_t>(
+          x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bias_data, x.size(0), in_features,
+          out_features, out.mutable_data_ptr<scalar_t>());
+    } else if (use_tiles<scalar_t>(input_2d.size(0), in_features, out_features, kTileMinRowsForward)) {
       const at::Tensor x = input_2d.contiguous();
       const at::Tensor w = weight.contiguous();
       // Columns are output features: packed[c][o] = weight[o][c].
@@ -300,13 +522,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
         grad_2d.const_data_ptr<scalar_t>(), out_2d.const_data_ptr<scalar_t>(),
         grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr,
         rows, out_features);
+    const scalar_t* gp = grad_pre.const_data_ptr<scalar_t>();
+    if (use_streamed(rows, out_features)) {
+      const at::Tensor w = weight.contiguous();
+      const at::Tensor x = input.reshape({-1, in_features}).contiguous();
+      if (output_mask[0]) {
+        grad_input = at::empty(input.sizes(), options);
+        streamed_input_grad<scalar_t>(
+            gp, w.const_data_ptr<scalar_t>(), rows, in_features, out_features,
+            grad_input.mutable_data_ptr<scalar_t>());
+      }
+      if (output_mask[1]) {
+        grad_weight = cpu::recycled_empty(weight.sizes(), options);
+        streamed_weight_grad<scalar_t>(
+            gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features,
+            grad_weight.mutable_data_ptr<scalar_t>());
+      }
+      return;
+    }
     // The input gradient's tiles reduce over the output features.
     if (!use_tiles<scalar_t>(rows, out_features, out_features, kTileMinRowsBackward)) {
       if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
-      if (output_mask[1]) grad_weight = at::mm(grad_pre.t(), input.reshape({-1, in_features}));
+      if (output_mask[1]) {
+        grad_weight = cpu::recycled_empty(weight.sizes(), options);
+        at::mm_out(grad_weight, grad_pre.t(), input.reshape({-1, in_features}));
+      }
       return;
     }
-    const scalar_t* gp = grad_pre.const_data_ptr<scalar_t>();
     if (output_mask[0]) {
       const at::Tensor w = weight.contiguous();
       // Columns are input features, the reduction runs over output features:
@@ -322,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     }
     if (output_mask[1]) {
       const at::Tensor x = input.reshape({-1, in_features}).contiguous();
-      grad_weight = at::empty(weight.sizes(), options);
+      grad_weight = cpu::recycled_empty(weight.sizes(), options);
       tile_weight_grad<scalar_t>(
           gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features,
           grad_weight.mutable_data_ptr<scalar_t>());

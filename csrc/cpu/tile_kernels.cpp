@@ -1,4 +1,4 @@
-// The register-tile kernels of conv2d_kernels.h, compiled three times (AVX-512,
+// The register-tile kernels of conv2d_kernels.h and gemm_kernels.h, compiled three times (AVX-512,
 // AVX2+FMA, baseline SSE2) inside `#pragma GCC target` regions, and the choice
 // among them at run time from the CPU's features: the default build stays
 // portable.
@@ -21,6 +21,7 @@ namespace isa_avx512 {
 constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}, 24, 4, 6};
 constexpr int kIsaVectorBytes = 64;
 #include "conv2d_kernels.h"
+#include "gemm_kernels.h"
 }  // namespace isa_avx512
 }  // namespace
 }  // namespace cpu
@@ -38,6 +39,7 @@ namespace isa_avx2 {
 constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}, 12, 3, 3};
 constexpr int kIsaVectorBytes = 32;
 #include "conv2d_kernels.h"
+#include "gemm_kernels.h"
 }  // namespace isa_avx2
 }  // namespace
 }  // namespace cpu
@@ -53,27 +55,55 @@ namespace isa_baseline {
 constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}, 12, 3, 3};
 constexpr int kIsaVectorBytes = 16;
 #include "conv2d_kernels.h"
+#include "gemm_kernels.h"
 }  // namespace isa_baseline
-}  // namespace
 
-template <typename scalar_t>
-const ConvKernels<scalar_t>& kernels() {
-  static const ConvKernels<scalar_t> chosen = [] {
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+Isa chosen_isa() {
+  static const Isa chosen = [] {
     const char* forced = std::getenv("LIGHTNING_HW_CPU_ISA");
     const std::string want = forced ? forced : "";
     __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("avx512dq");
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (want.empty() || want == "avx512")) return isa_avx512::conv_kernels<scalar_t>();
-    if (avx2 && want != "baseline") return isa_avx2::conv_kernels<scalar_t>();
-    return isa_baseline::conv_kernels<scalar_t>();
+    if (avx512 && (want.empty() || want == "avx512")) return Isa::kAvx512;
+    if (avx2 && want != "baseline") return Isa::kAvx2;
+    return Isa::kBaseline;
   }();
+  return chosen;
+}
+
+// The variant of a table for the chosen instruction set.
+template <typename Table>
+Table pick(Table (*avx512)(), Table (*avx2)(), Table (*baseline)()) {
+  switch (chosen_isa()) {
+    case Isa::kAvx512: return avx512();
+    case Isa::kAvx2: return avx2();
+    default: return baseline();
+  }
+}
+}  // namespace
+
+template <typename scalar_t>
+const ConvKernels<scalar_t>& kernels() {
+  static const ConvKernels<scalar_t> chosen = pick(
+      &isa_avx512::conv_kernels<scalar_t>, &isa_avx2::conv_kernels<scalar_t>, &isa_baseline::conv_kernels<scalar_t>);
+  return chosen;
+}
+
+template <typename scalar_t>
+const GemmKernels<scalar_t>& gemm_kernels() {
+  static const GemmKernels<scalar_t> chosen = pick(
+      &isa_avx512::gemm_kernels<scalar_t>, &isa_avx2::gemm_kernels<scalar_t>, &isa_baseline::gemm_kernels<scalar_t>);
   return chosen;
 }
 
 template const ConvKernels<float>& kernels<float>();
 template const ConvKernels<double>& kernels<double>();
+template const GemmKernels<float>& gemm_kernels<float>();
+template const GemmKernels<double>& gemm_kernels<double>();
 
 }  // namespace cpu
 }  // namespace lightning_hw

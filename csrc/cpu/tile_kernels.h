@@ -1,7 +1,8 @@
 // Register-tile kernels shared by the CPU ops (conv2d, linear_relu): their
-// table, the tile sizes of each instruction set, and the run-time choice of
+// tables, the tile sizes of each instruction set, and the run-time choice of
 // the best variant this CPU runs. The kernels themselves are in
-// conv2d_kernels.h, compiled once per instruction set in tile_kernels.cpp.
+// conv2d_kernels.h and gemm_kernels.h, compiled once per instruction set in
+// tile_kernels.cpp.
 #pragma once
 
 #include <algorithm>
@@ -66,11 +67,23 @@ struct ConvKernels {
   PlanarWgradTile planar_wgrad[kPlanarWgradMaxChannels][kPlanarWgradMaxPositions];  // [O - 1][T - 1]
 };
 
+// linear_relu's streamed GEMM tiles (gemm_kernels.h): rows_per_tile rows of
+// broadcast scalars x one or two 64-byte vectors.
+template <typename scalar_t>
+struct GemmKernels {
+  using BroadcastTile = void (*)(
+      const scalar_t* const*, const scalar_t*, int64_t, int64_t, scalar_t* const*, bool, const scalar_t*);
+  int rows_per_tile;
+  BroadcastTile broadcast[2];  // [NV - 1]
+};
+
 // The best variant this CPU runs (float and double). LIGHTNING_HW_CPU_ISA=
 // avx2|baseline forces a lesser one (to test those code paths on an AVX-512
 // machine).
 template <typename scalar_t>
 const ConvKernels<scalar_t>& kernels();
+template <typename scalar_t>
+const GemmKernels<scalar_t>& gemm_kernels();
 
 // Lanes of the 64-byte vector, the unit of the packed layouts.
 template <typename scalar_t>
