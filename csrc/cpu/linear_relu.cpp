@@ -268,6 +268,22 @@ void streamed_forward(
   });
 }
 
+// Blocks of two vectors of input features for the streamed GEMMs: their
+// count, where the last starts, its (vector-rounded) width, and whether it
+// reaches past in_features (then it goes through a zero-padded copy).
+struct ColumnBlocks {
+  int64_t blocks, last, last_width;
+  bool ragged;
+};
+
+template <typename scalar_t>
+ColumnBlocks column_blocks(int64_t in_features) {
+  const int64_t blocks = cpu::ceil_div(in_features, 2 * cpu::lanes<scalar_t>());
+  const int64_t last = (blocks - 1) * 2 * cpu::lanes<scalar_t>();
+  const int64_t last_width = cpu::block_width<scalar_t>(in_features, blocks - 1);
+  return {blocks, last, last_width, last + last_width > in_features};
+}
+
 // grad_input[r][i] = sum over o of grad_pre[r][o] * w[o][i]: tiles of P rows
 // of grad_pre (broadcast) x two vectors of input features read straight from
 // the weight rows. Column blocks are split between threads; the reduction
@@ -285,10 +301,9 @@ void streamed_input_grad(
   constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
   const cpu::GemmKernels<scalar_t>& kern = cpu::gemm_kernels<scalar_t>();
   const int64_t P = kern.rows_per_tile;
-  const int64_t blocks = cpu::ceil_div(in_features, L2);
-  const int64_t last = (blocks - 1) * L2;
-  const int64_t last_width = cpu::block_width<scalar_t>(in_features, blocks - 1);
-  const bool ragged = last + last_width > in_features;
+  const ColumnBlocks split = column_blocks<scalar_t>(in_features);
+  const int64_t blocks = split.blocks, last = split.last, last_width = split.last_width;
+  const bool ragged = split.ragged;
   at::Tensor keep_last;
   scalar_t* last_w = nullptr;    // [out_features][last_width]
   scalar_t* last_out = nullptr;  // [rows][last_width]
@@ -349,10 +364,9 @@ void streamed_weight_grad(
   constexpr int64_t L2 = 2 * cpu::lanes<scalar_t>();
   const cpu::GemmKernels<scalar_t>& kern = cpu::gemm_kernels<scalar_t>();
   const int64_t P = kern.rows_per_tile;
-  const int64_t blocks = cpu::ceil_div(in_features, L2);
-  const int64_t last = (blocks - 1) * L2;
-  const int64_t last_width = cpu::block_width<scalar_t>(in_features, blocks - 1);
-  const bool ragged = last + last_width > in_features;
+  const ColumnBlocks split = column_blocks<scalar_t>(in_features);
+  const int64_t blocks = split.blocks, last = split.last, last_width = split.last_width;
+  const bool ragged = split.ragged;
   at::Tensor keep_alive;
   // [out_features][rows] grad_pre transposed, then [rows][last_width] input columns.
   scalar_t* grad_t = cpu::workspace<scalar_t>(
