@@ -20,7 +20,8 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_ops.py --markdown
+	$(PY) benchmarks/bench_train.py
 
 install: $(STAMPS)/extension
 
