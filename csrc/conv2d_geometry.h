@@ -209,12 +209,13 @@ inline Conv2dForwardSetup conv2d_forward_setup(
 
 // What every backend's conv2d_backward does first: the argument checks, the
 // shape, and the gradients output_mask asks for, allocated contiguous (the
-// others are empty {0} tensors). With an empty batch the parameter gradients
-// are already final (zero) and the input gradient is empty.
+// others are empty {0} tensors), with 4-D views of grad_output, input and the
+// input gradient (unbatched becomes a batch of one). With an empty batch the
+// parameter gradients are already final (zero) and the input gradient is empty.
 struct Conv2dBackwardSetup {
   Conv2dShape shape;
-  bool batched;
   at::Tensor grad_input, grad_weight, grad_bias;
+  at::Tensor grad4, input4, grad_input4;
 };
 
 inline Conv2dBackwardSetup conv2d_backward_setup(
@@ -232,8 +233,8 @@ inline Conv2dBackwardSetup conv2d_backward_setup(
   check_operands("conv2d_backward", input, weight, std::nullopt, supported, backend);
   Conv2dBackwardSetup setup;
   setup.shape = conv2d_shape_of(input, weight, std::nullopt, stride, padding, dilation, groups, pad_same);
-  setup.batched = input.dim() == 4;
-  check_grad_output("conv2d_backward", grad_output, input, conv2d_output_sizes(setup.shape, setup.batched));
+  const bool batched = input.dim() == 4;
+  check_grad_output("conv2d_backward", grad_output, input, conv2d_output_sizes(setup.shape, batched));
   const auto options = grad_output.options();
   const auto allocate = [&](bool needed, c10::IntArrayRef size) {
     return needed ? at::empty(size, options) : at::empty({0}, options);
@@ -245,6 +246,9 @@ inline Conv2dBackwardSetup conv2d_backward_setup(
     setup.grad_weight.zero_();
     setup.grad_bias.zero_();
   }
+  setup.grad4 = batched ? grad_output : grad_output.unsqueeze(0);
+  setup.input4 = batched ? input : input.unsqueeze(0);
+  setup.grad_input4 = batched ? setup.grad_input : setup.grad_input.unsqueeze(0);
   return setup;
 }
 

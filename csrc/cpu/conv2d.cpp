@@ -910,14 +910,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   at::Tensor& grad_weight = setup.grad_weight;
   at::Tensor& grad_bias = setup.grad_bias;
   if (s.batch == 0) return {grad_input, grad_weight, grad_bias};
-  const bool batched = setup.batched;
-  const at::Tensor grad4 = batched ? grad_output : grad_output.unsqueeze(0);
-  const at::Tensor input4 = batched ? input : input.unsqueeze(0);
+  const at::Tensor& grad4 = setup.grad4;
+  const at::Tensor& input4 = setup.input4;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_backward", [&] {
-    if (output_mask[0] && grad_input.numel() > 0) {
-      at::Tensor grad_input4 = batched ? grad_input : grad_input.unsqueeze(0);
-      input_grad_impl<scalar_t>(grad4, weight, s, grad_input4);
-    }
+    if (output_mask[0] && grad_input.numel() > 0) input_grad_impl<scalar_t>(grad4, weight, s, setup.grad_input4);
     // The shapes of the planar forward (few channels) take the planar weight
     // gradient too: there grad_output in NHWC would be mostly padding lanes,
     // and its copy would cost more than the arithmetic.

@@ -731,15 +731,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   at::Tensor& grad_bias = setup.grad_bias;
   if (s.batch == 0) return {grad_input, grad_weight, grad_bias};
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool batched = setup.batched;
-  const at::Tensor grad4 = batched ? grad_output : grad_output.unsqueeze(0);
-  const at::Tensor input4 = batched ? input : input.unsqueeze(0);
+  const at::Tensor& grad4 = setup.grad4;
+  const at::Tensor& input4 = setup.input4;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "lightning_hw::conv2d_backward_cuda", [&] {
-        if (output_mask[0] && grad_input.numel() > 0) {
-          at::Tensor grad_input4 = batched ? grad_input : grad_input.unsqueeze(0);
-          run_direct_conv(input_grad_conv<scalar_t>(grad4, weight, s, grad_input4));
-        }
+        if (output_mask[0] && grad_input.numel() > 0)
+          run_direct_conv(input_grad_conv<scalar_t>(grad4, weight, s, setup.grad_input4));
         if (output_mask[1] || output_mask[2])
           weight_and_bias_grad<scalar_t>(
               grad4, input4, s, output_mask[1], output_mask[2], grad_weight, grad_bias);
