@@ -25,10 +25,9 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_only
 
 import lightning_hw
-from lightning_hw.callbacks import TrainingPlots
+from lightning_hw.callbacks import TrainingPlots, run_directory
 from lightning_hw.data import ImageClassificationDataModule
 from lightning_hw.models import ImageClassifier
 
@@ -64,7 +63,7 @@ class LightningHWCLI(LightningCLI):
     # The subcommands: LightningCLI calls these instead of the Trainer's methods.
 
     def fit(self, model: ImageClassifier, **kwargs: Any) -> None:
-        kwargs["weights_only"] = True
+        kwargs.update(weights_only=True)
         self.trainer.fit(model, **kwargs)
         if self.trainer.interrupted:
             return
@@ -75,33 +74,37 @@ class LightningHWCLI(LightningCLI):
         self._print_summary("test", results, checkpoint=best or self._last_checkpoint())
 
     def validate(self, model: ImageClassifier, **kwargs: Any) -> None:
-        results = self.trainer.validate(model, **{**kwargs, "weights_only": True})
+        kwargs.update(weights_only=True)
+        results = self.trainer.validate(model, **kwargs)
         self._print_summary("val", results, checkpoint=kwargs.get("ckpt_path"))
 
     def test(self, model: ImageClassifier, **kwargs: Any) -> None:
-        results = self.trainer.test(model, **{**kwargs, "weights_only": True})
+        kwargs.update(weights_only=True)
+        results = self.trainer.test(model, **kwargs)
         self._print_summary("test", results, checkpoint=kwargs.get("ckpt_path"))
 
     def predict(self, model: ImageClassifier, **kwargs: Any) -> None:
         kwargs.update(weights_only=True, return_predictions=True)
         batches = self.trainer.predict(model, **kwargs)
+        run_dir = run_directory(self.trainer)  # on every rank: it broadcasts under DDP
         if self.trainer.is_global_zero and batches:
-            path = write_predictions(Path(run_directory(self.trainer)), torch.cat(batches), model.class_names)
-            print(f"predictions: {len(torch.cat(batches))} written to {path}")
+            predicted = torch.cat(batches)
+            path = write_predictions(run_dir, predicted, model.class_names)
+            print(f"predictions: {len(predicted)} written to {path}")
 
     def _last_checkpoint(self) -> str:
         callback = self.trainer.checkpoint_callback
         return getattr(callback, "last_model_path", "") or ""
 
-    @rank_zero_only
     def _print_summary(self, stage: str, results: list, checkpoint: str | None) -> None:
-        if not results or f"{stage}_acc" not in results[0]:
+        run_dir = run_directory(self.trainer)  # on every rank: it broadcasts under DDP
+        if not self.trainer.is_global_zero or not results or f"{stage}_acc" not in results[0]:
             return
         name = "test" if stage == "test" else "validation"
         parts = [f"{name} accuracy: {100.0 * results[0][f'{stage}_acc']:.2f}%"]
         if checkpoint:
             parts.append(f"checkpoint: {checkpoint}")
-        parts.append(f"logs: {run_directory(self.trainer)}")
+        parts.append(f"logs: {run_dir}")
         plots = next((c for c in self.trainer.callbacks if isinstance(c, TrainingPlots)), None)
         if plots is not None and plots.written:
             parts.append(f"plots: {plots.written[0].parent}")
@@ -116,11 +119,6 @@ def default_loggers(root_dir: str | None) -> list:
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(save_dir, name=LOG_NAME, version=csv_logger.version, default_hp_metric=False))
     return loggers
-
-
-def run_directory(trainer: Trainer) -> str:
-    """Where this run's logs, plots and predictions go."""
-    return trainer.log_dir or trainer.default_root_dir
 
 
 def write_predictions(run_dir: Path, predicted: torch.Tensor, class_names: list[str]) -> Path:

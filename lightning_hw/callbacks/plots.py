@@ -33,6 +33,14 @@ from pytorch_lightning.trainer.states import TrainerFn
 HISTORY_KEYS = ("train_loss_step", "train_loss", "train_acc", "val_loss", "val_acc")
 
 
+def run_directory(trainer: pl.Trainer) -> Path:
+    """A run's folder: the logger's version folder, else `trainer.default_root_dir`.
+
+    `trainer.log_dir` broadcasts from rank zero, so under DDP every rank must call this.
+    """
+    return Path(trainer.log_dir if trainer.log_dir is not None else trainer.default_root_dir)
+
+
 def _metric_value(metrics: dict[str, torch.Tensor], name: str) -> float | None:
     """The epoch value of a logged metric: `<name>_epoch` when it was logged both
     on step and on epoch, else `<name>`; None when it was not logged."""
@@ -133,9 +141,7 @@ class TrainingPlots(pl.Callback):
     # -- Lightning hooks -----------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # trainer.log_dir broadcasts from rank zero, so every rank must ask.
-        run_dir = trainer.log_dir if trainer.log_dir is not None else trainer.default_root_dir
-        self._plot_dir = Path(run_dir) / self.dirname
+        self._plot_dir = run_directory(trainer) / self.dirname
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
