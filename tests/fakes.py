@@ -199,3 +199,36 @@ def collect_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
     """All (x, y) batches of a DataLoader, concatenated."""
     xs, ys = zip(*loader)
     return torch.cat(xs), torch.cat(ys)
+
+
+# ---------------------------------------------------------------------------
+# Hostile files
+
+
+class CallOnUnpickle:
+    """Pickles as the call `function(*args)`: what a malicious data file would make the loader run."""
+
+    def __init__(self, function, *args) -> None:
+        self.function = function
+        self.args = args
+
+    def __reduce__(self):
+        return (self.function, self.args)
+
+
+def tar_entry(name: str, kind: bytes = tarfile.REGTYPE, content: bytes = b"", linkname: str = "") -> tuple:
+    """One member for `write_tar`: a TarInfo of the given type (REGTYPE, SYMTYPE, LNKTYPE, CHRTYPE, ...) and its data."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.size = len(content) if kind == tarfile.REGTYPE else 0
+    return info, content
+
+
+def write_tar(path: Path, entries: Sequence[tuple], compression: str = "gz") -> str:
+    """Write a tar archive (compression "gz", "bz2", "xz" or "") of `tar_entry` members verbatim; return its MD5."""
+    mode = f"w:{compression}" if compression else "w"
+    with tarfile.open(path, mode) as tar:
+        for info, content in entries:
+            tar.addfile(info, io.BytesIO(content) if info.isfile() else None)
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()

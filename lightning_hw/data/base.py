@@ -250,10 +250,26 @@ def load_grayscale_image(path: Path, size: tuple[int, int]) -> np.ndarray:
             if gray.size != (size[1], size[0]):
                 gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(gray, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         raise DataFormatError(
             f"cannot read image {path}: {error}. Replace or delete the file."
         ) from error
+
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def unpack_hint(data_dir: Path) -> str:
+    """A sentence naming the archives lying in `data_dir` (data sets that read folders do not
+    open archives), or "" when there are none."""
+    if not data_dir.is_dir():
+        return ""
+    archives = sorted(
+        child.name for child in data_dir.iterdir() if child.is_file() and child.name.lower().endswith(ARCHIVE_SUFFIXES)
+    )
+    if not archives:
+        return ""
+    return f" Found {', '.join(archives)} in {data_dir}: unpack it there first (archives are not read directly)."
 
 
 def find_child_dir(parent: Path, name: str) -> Path | None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import http.client
+import lzma
+import os
 import pickle
 import shutil
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,17 @@ CIFAR10_CLASS_NAMES = [
 CIFAR10_IMAGE_SHAPE = (3, 32, 32)
 
 
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """`codecs.encode` as a protocol-2 pickle of bytes calls it, and only so.
+
+    Other codecs (zlib, bz2, rot13, ...) have no place in a CIFAR batch and
+    are refused rather than handed to the codec registry.
+    """
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"codecs.encode({type(text).__name__}, {encoding!r}) is not how a pickle stores bytes")
+    return codecs.encode(text, "latin1")
+
+
 def _allowed_pickle_globals() -> dict[tuple[str, str], Any]:
     """The only globals a CIFAR batch needs: numpy array reconstruction and protocol-2 bytes."""
     try:
@@ -48,8 +64,8 @@ def _allowed_pickle_globals() -> dict[tuple[str, str], Any]:
         ("numpy._core.multiarray", "_reconstruct"): reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,
-        ("codecs", "encode"): codecs.encode,
+        ("_codecs", "encode"): _latin1_encode,
+        ("codecs", "encode"): _latin1_encode,
     }
 
 
@@ -99,9 +115,14 @@ def load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataFormatError(f"{path}: 'data' must be a uint8 array (N, 3072), found {found}: {redownload}")
     try:
-        label_array = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError) as error:
-        raise DataFormatError(f"{path}: 'labels' are not integers ({error}): {redownload}") from error
+        label_array = np.asarray(labels)
+    except (TypeError, ValueError) as error:  # ragged nested lists
+        raise DataFormatError(f"{path}: 'labels' are not a list of integers ({error}): {redownload}") from error
+    # Without a dtype, numpy keeps what the file holds: floats, strings or booleans are
+    # refused instead of being truncated or parsed into labels (an empty list reads as float).
+    if label_array.size and label_array.dtype.kind not in "iu":
+        raise DataFormatError(f"{path}: 'labels' must be integers, found {label_array.dtype}: {redownload}")
+    label_array = label_array.astype(np.int64)
     if label_array.shape != (data.shape[0],):
         raise DataFormatError(
             f"{path}: {label_array.shape} labels for {data.shape[0]} images: {redownload}"
@@ -130,13 +151,22 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What reading a damaged archive raises besides TarError: the decompressors' own errors,
+# and OSErrors without an errno (gzip's BadGzipFile, bz2's "Invalid data stream").
+_ARCHIVE_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile, OSError)
+
+
 def safe_extract_tar(archive: Path, target_dir: Path) -> None:
     """Extract a tarball into `target_dir`, refusing members that could land outside it.
 
-    Only regular files and folders are accepted, and every member's resolved
-    path must stay inside `target_dir`; tarfile's "data" filter is applied on top.
+    Only regular files and folders are accepted (no links, devices or FIFOs),
+    and every member's resolved path must stay inside `target_dir`; tarfile's
+    "data" filter is applied on top. Members are unpacked into a temporary
+    folder inside `target_dir` and moved into place only once the whole
+    archive has been read, so a damaged archive leaves nothing behind.
     """
     target = target_dir.resolve()
+    fix = "delete it and download it again"
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
@@ -144,18 +174,34 @@ def safe_extract_tar(archive: Path, target_dir: Path) -> None:
                 destination = (target / member.name).resolve()
                 if not (member.isfile() or member.isdir()):
                     raise DataFormatError(
-                        f"{archive}: refusing tar member {member.name!r}: not a regular file or folder"
+                        f"{archive}: refusing tar member {member.name!r}: not a regular file or folder; {fix}"
                     )
                 if member.name.startswith("/") or not destination.is_relative_to(target):
                     raise DataFormatError(
-                        f"{archive}: refusing tar member {member.name!r}: its path leaves {target}"
+                        f"{archive}: refusing tar member {member.name!r}: its path leaves {target}; {fix}"
                     )
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(target, members=members, filter="data")
-            else:  # Python without extraction filters: the checks above already refuse unsafe members
-                tar.extractall(target, members=members)
-    except tarfile.TarError as error:
-        raise DataFormatError(f"{archive} is not a readable tar archive ({error}): delete it and download again") from error
+            staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=target))
+            try:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, members=members, filter="data")
+                else:  # Python without extraction filters: the checks above already refuse unsafe members
+                    tar.extractall(staging, members=members)
+                _move_tree(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except _ARCHIVE_READ_ERRORS as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # a file-system error (disk full, permissions), not a damaged archive
+        raise DataFormatError(f"{archive} is not a readable tar archive ({error!r}): {fix}") from error
+
+
+def _move_tree(source: Path, target: Path) -> None:
+    """Move every file under `source` to the same relative place under `target` (folders merged)."""
+    for folder, _, files in os.walk(source):
+        destination_dir = target / Path(folder).relative_to(source)
+        destination_dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.replace(Path(folder) / name, destination_dir / name)
 
 
 class CIFAR10DataModule(ImageClassificationDataModule):

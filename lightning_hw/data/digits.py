@@ -21,17 +21,27 @@ def load_digits_npz(path: Path | None = None) -> tuple[torch.Tensor, torch.Tenso
     if not path.is_file():
         raise DataNotFoundError(f"digits data file {path} is missing: reinstall lightning_hw")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)  # object arrays would unpickle: refused
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"a single {type(loaded).__name__}, not an .npz archive of 'images' and 'labels'")
+        with loaded as archive:
             images, labels = archive["images"], archive["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    # MemoryError: a damaged header can claim an array far larger than the file.
+    except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as error:
         raise DataFormatError(f"cannot read digits data file {path} ({error}): reinstall lightning_hw") from error
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (8, 8) or labels.shape != images.shape[:1]:
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 3
+        or images.shape[1:] != (8, 8)
+        or labels.dtype.kind not in "iu"
+        or labels.shape != images.shape[:1]
+    ):
         raise DataFormatError(
-            f"{path}: expected uint8 images (N, 8, 8) and N labels, found {images.dtype} {images.shape} "
-            f"and {labels.shape}: reinstall lightning_hw"
+            f"{path}: expected uint8 images (N, 8, 8) and N integer labels, found {images.dtype} {images.shape} "
+            f"and {labels.dtype} {labels.shape}: reinstall lightning_hw"
         )
-    if images.max(initial=0) > DIGITS_MAX_VALUE or labels.max(initial=0) > 9:
-        raise DataFormatError(f"{path}: pixel values above {DIGITS_MAX_VALUE} or labels above 9: reinstall lightning_hw")
+    if images.max(initial=0) > DIGITS_MAX_VALUE or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+        raise DataFormatError(f"{path}: pixel values above {DIGITS_MAX_VALUE} or labels outside 0..9: reinstall lightning_hw")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,13 @@ from lightning_hw.data.base import (
     TensorAugment,
     find_child_dir,
     read_class_folders,
+    unpack_hint,
 )
 
 FER2013_CLASS_NAMES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 FER2013_CSV_NAME = "fer2013.csv"
+# The labels as the file writes them: plain ASCII digits ("3", not "03", "+3" or "³").
+FER2013_LABEL_TEXTS = {str(label): label for label in range(len(FER2013_CLASS_NAMES))}
 FER2013_USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 FER2013_IMAGE_SIZE = 48
 FER2013_SOURCE_HINT = (
@@ -69,14 +73,17 @@ def read_fer2013_csv(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
                         f"{list(FER2013_USAGE_TO_SPLIT)}. {fix}"
                     )
                 emotion_text = row[emotion_col].strip()
-                if not (emotion_text.isdigit() and int(emotion_text) < len(FER2013_CLASS_NAMES)):
+                if emotion_text not in FER2013_LABEL_TEXTS:
                     raise DataFormatError(
                         f"{path}, line {line}: emotion {emotion_text!r} is not a label 0..6. {fix}"
                     )
                 try:
-                    # Fast C parser; raises ValueError on anything but whitespace-separated integers.
-                    pixels = np.fromstring(row[pixels_col], dtype=np.int64, sep=" ")
-                except ValueError:
+                    # Fast C parser; on anything but whitespace-separated integers numpy 2
+                    # raises ValueError, numpy 1 warns and returns the numbers before it.
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("error", DeprecationWarning)
+                        pixels = np.fromstring(row[pixels_col], dtype=np.int64, sep=" ")
+                except (ValueError, DeprecationWarning):
                     pixels = None
                 if pixels is None or pixels.size != pixels_per_image:
                     count = len(row[pixels_col].split())
@@ -87,7 +94,7 @@ def read_fer2013_csv(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
                 if pixels.min() < 0 or pixels.max() > 255:
                     raise DataFormatError(f"{path}, line {line}: pixel values outside 0..255. {fix}")
                 images[split].append(pixels.astype(np.uint8))
-                labels[split].append(int(emotion_text))
+                labels[split].append(FER2013_LABEL_TEXTS[emotion_text])
     except UnicodeDecodeError as error:
         raise DataFormatError(f"{path} is not a text CSV file ({error}). {fix}") from error
     except csv.Error as error:
@@ -149,7 +156,7 @@ class FER2013DataModule(ImageClassificationDataModule):
 
     def _missing_data_error(self, detail: str) -> DataNotFoundError:
         hint = FER2013_SOURCE_HINT.format(csv_path=self.csv_path, data_dir=self.data_dir)
-        return DataNotFoundError(f"{detail}. {hint}")
+        return DataNotFoundError(f"{detail}. {hint}{unpack_hint(self.data_dir)}")
 
     def prepare_data(self) -> None:
         """Check that the data set is present (it cannot be downloaded automatically)."""

@@ -12,6 +12,7 @@ from lightning_hw.data.base import (
     TensorAugment,
     find_child_dir,
     read_class_folders,
+    unpack_hint,
 )
 
 FRUITS_DEFAULT_CLASSES = ("Carambula", "Lychee", "Pear")
@@ -60,7 +61,7 @@ class FruitsDataModule(ImageClassificationDataModule):
         split_dir = find_child_dir(self.data_dir, name)
         if split_dir is None:
             hint = FRUITS_SOURCE_HINT.format(data_dir=self.data_dir, classes=", ".join(self.class_names))
-            raise DataNotFoundError(f"Fruits-360 folder {self.data_dir / name} not found. {hint}")
+            raise DataNotFoundError(f"Fruits-360 folder {self.data_dir / name} not found. {hint}{unpack_hint(self.data_dir)}")
         return split_dir
 
     def prepare_data(self) -> None:
