@@ -7,9 +7,11 @@ reports' models and DataModules.
 - Without `--config`, configs/default.yaml is used: the digits CNN, offline.
 - Checkpoints (best by val_acc, and last; `--checkpoint.*`), the plots callback
   (`--plots.*`), CSV logs and TensorBoard logs when tensorboard is installed.
+- FiniteLossCheck is always on: a NaN/infinite training loss ends the run with
+  a message (epoch, step, what to try) and exit status 1.
 - `fit` ends with `test` on the best checkpoint and one summary line; `predict`
-  writes predictions.csv into the run directory. Checkpoints load with
-  weights_only=True.
+  writes predictions.csv (all processes' predictions under DDP, in data set
+  order) into the run directory. Checkpoints load with weights_only=True.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 import lightning_hw
-from lightning_hw.callbacks import TrainingPlots, run_directory
+from lightning_hw.callbacks import FiniteLossCheck, NonFiniteLossError, PredictionCollector, TrainingPlots, run_directory
 from lightning_hw.data import ImageClassificationDataModule
 from lightning_hw.models import ImageClassifier
 
@@ -51,6 +53,7 @@ class LightningHWCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(TrainingPlots, "plots")
+        parser.add_lightning_class_args(FiniteLossCheck, "finite_loss")
         for attribute in ("num_classes", "input_shape", "class_names"):
             parser.link_arguments(f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate")
 
@@ -64,7 +67,13 @@ class LightningHWCLI(LightningCLI):
 
     def fit(self, model: ImageClassifier, **kwargs: Any) -> None:
         kwargs.update(weights_only=True)
-        self.trainer.fit(model, **kwargs)
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = self._checkpoint_to_resume()
+        try:
+            self.trainer.fit(model, **kwargs)
+        except NonFiniteLossError as error:
+            # A diverged run is a failed run: its message (where, what to try), exit status 1, no traceback.
+            raise SystemExit(f"error: {error}") from error
         if self.trainer.interrupted:
             return
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
@@ -84,13 +93,36 @@ class LightningHWCLI(LightningCLI):
         self._print_summary("test", results, checkpoint=kwargs.get("ckpt_path"))
 
     def predict(self, model: ImageClassifier, **kwargs: Any) -> None:
-        kwargs.update(weights_only=True, return_predictions=True)
-        batches = self.trainer.predict(model, **kwargs)
+        kwargs.update(weights_only=True, return_predictions=False)
+        # Under DDP each process predicts a share of the data: the collector gathers them all, in data set order.
+        collector = PredictionCollector()
+        self.trainer.callbacks.append(collector)
+        self.trainer.predict(model, **kwargs)
         run_dir = run_directory(self.trainer)  # on every rank: it broadcasts under DDP
-        if self.trainer.is_global_zero and batches:
-            predicted = torch.cat(batches)
-            path = write_predictions(run_dir, predicted, model.class_names)
-            print(f"predictions: {len(predicted)} written to {path}")
+        if self.trainer.is_global_zero and collector.predictions is not None and len(collector.predictions):
+            path = write_predictions(run_dir, collector.predictions, model.class_names)
+            print(f"predictions: {len(collector.predictions)} written to {path}")
+
+    def _checkpoint_to_resume(self) -> str:
+        """What `--ckpt_path last` means: continue the newest earlier run under the logger's root.
+
+        Every run logs into a new version folder and keeps its checkpoints there, so
+        Lightning's own "last" would look in the new, empty folder and silently start
+        afresh. Here the newest last*.ckpt is resumed and the checkpoint callback
+        keeps writing into that run's folder, so its best-so-far and top-k carry on;
+        the resumed part's logs go to the new version folder. With a fixed
+        `--checkpoint.dirpath` (or no logger) Lightning's own lookup works.
+        """
+        callback = self.trainer.checkpoint_callback
+        logger_root = getattr(self.trainer.logger, "root_dir", None)
+        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is not None or logger_root is None:
+            return "last"
+        candidates = Path(logger_root).glob("version_*/checkpoints/last*.ckpt")
+        newest = max(candidates, key=lambda path: path.stat().st_mtime, default=None)
+        if newest is None:
+            return "last"
+        callback.dirpath = str(newest.parent)
+        return str(newest)
 
     def _last_checkpoint(self) -> str:
         callback = self.trainer.checkpoint_callback

@@ -12,10 +12,12 @@ import hashlib
 import io
 import pickle
 import tarfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 
@@ -232,3 +234,23 @@ def write_tar(path: Path, entries: Sequence[tuple], compression: str = "gz") -> 
         for info, content in entries:
             tar.addfile(info, io.BytesIO(content) if info.isfile() else None)
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+class PauseAtTrainBatch(pl.Callback):
+    """At the start of training batch `batch_index` of epoch `epoch`: write the global step into
+    `marker`, then sleep, so that a test can kill the process at a known point mid-epoch.
+
+    Used from a config (class_path fakes.PauseAtTrainBatch, with tests/ on PYTHONPATH). After
+    `seconds` the run goes on by itself, so a test that never kills it cannot hang forever.
+    """
+
+    def __init__(self, epoch: int, batch_index: int, marker: str, seconds: float = 300.0) -> None:
+        self.epoch = epoch
+        self.batch_index = batch_index
+        self.marker = Path(marker)
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch_index:
+            self.marker.write_text(str(trainer.global_step))
+            time.sleep(self.seconds)

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 NORMALIZE_MODES = ("none", "mean_image", "per_channel")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -65,6 +65,47 @@ def seeded_split(total: int, sizes: Sequence[int | float], seed: int) -> list[to
         parts.append(permutation[start : start + count].sort().values)
         start += count
     return parts
+
+
+class EpochSeededSampler(DistributedSampler):
+    """A fresh random order of the samples each epoch, drawn from (seed, epoch) alone, and this
+    process's share of it.
+
+    Without `weights` each epoch's order is a permutation of range(size); with
+    `weights` (one per sample) `size` indices are drawn with replacement in
+    proportion to them. Lightning calls `set_epoch` before every training epoch,
+    also after resuming from a checkpoint, so epoch k sees the same order whether
+    or not the run was interrupted (a generator carried across epochs would
+    restart at epoch 0's order). Without `set_epoch` calls (a plain loop over the
+    DataLoader) each pass moves on to the next epoch.
+
+    With `num_replicas` processes, process `rank` takes every num_replicas-th
+    sample of the order (padded by repeating its start, as DistributedSampler
+    does), so the processes' batches together are the batches of one process
+    with num_replicas times the batch size. Being a DistributedSampler, Lightning
+    keeps it instead of wrapping it in its own, which would shuffle again.
+    """
+
+    def __init__(
+        self, size: int, seed: int, weights: torch.Tensor | None = None, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
+        if weights is not None and weights.shape != (size,):
+            raise ValueError(f"weights must have shape ({size},), got {tuple(weights.shape)}")
+        self.size = size
+        self.weights = weights
+
+    def __iter__(self):
+        # SeedSequence mixes (seed, epoch) so that no two pairs share a stream (seed + epoch would).
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
+        order += order[: self.total_size - len(order)]
+        self.epoch += 1
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 # ---------------------------------------------------------------------------
@@ -430,15 +471,12 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if self.num_workers > 0:
             extra["persistent_workers"] = self.persistent_workers
         if train:
-            # A seeded generator makes the epoch order (and worker seeds) reproducible.
-            generator = torch.Generator().manual_seed(self.seed)
-            if self.balanced_sampler:
-                extra["sampler"] = WeightedRandomSampler(
-                    self._balanced_sample_weights(), len(dataset), replacement=True, generator=generator
-                )
-            else:
-                extra["shuffle"] = True
-                extra["generator"] = generator
+            weights = self._balanced_sample_weights() if self.balanced_sampler else None
+            trainer = self.trainer  # set while a Trainer uses this DataModule
+            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            extra["sampler"] = EpochSeededSampler(len(dataset), self.seed, weights, replicas, rank)
+            # Seeds the workers' random streams (augmentation) reproducibly.
+            extra["generator"] = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
