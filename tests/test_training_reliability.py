@@ -1,7 +1,7 @@
 """Training as real processes: a `fit` killed mid-epoch resumes from its last checkpoint
 with nothing lost and ends where an uninterrupted run ends; DDP on two CPU processes
 (gloo) trains like one process on the same global batches; DDP `predict` writes every
-prediction once, in data set order.
+prediction once, in data set order (and the gathering itself, with the other process emulated).
 
 Each subprocess runs under a timeout, and the killed run is paused at a known batch
 (tests/fakes.py PauseAtTrainBatch) rather than raced, so nothing here can hang."""
@@ -17,11 +17,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed
 
+from lightning_hw.callbacks import PredictionCollector
+from lightning_hw.callbacks.predictions import gather_rows
 from lightning_hw.cli import DEFAULT_CONFIG, main
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -220,3 +223,68 @@ def test_ddp_predict_writes_every_prediction_once_in_data_set_order(tmp_path, si
     assert rows[0] == ["index", "class_index", "class_name"]
     assert [int(row[0]) for row in rows[1:]] == list(range(359))  # the whole test split, each sample once
     assert rows == expected
+
+
+# -- gathering predictions, with the other process emulated -------------------------------------------
+
+
+class TwoProcessView:
+    """The collectives of a two-process run as process `rank` sees them, the other process contributing
+    `peer_tensors` in turn (one per gather_rows call) the way gather_rows would."""
+
+    def __init__(self, rank: int, peer_tensors: list[torch.Tensor]) -> None:
+        self.rank = rank
+        self.peer_tensors = list(peer_tensors)
+
+    def _in_rank_order(self, mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([mine, theirs] if self.rank == 0 else [theirs, mine])
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        peer = self.peer_tensors[0]
+        if tensor.dim() == 0:  # the row counts
+            return self._in_rank_order(tensor, torch.tensor(peer.shape[0]))
+        self.peer_tensors.pop(0)
+        padded = torch.zeros_like(tensor)
+        padded[: peer.shape[0]] = peer
+        return self._in_rank_order(tensor, padded)
+
+    def broadcast(self, obj, src: int):
+        peer = self.peer_tensors[0]
+        return obj if src == self.rank else (tuple(peer.shape[1:]), peer.dtype)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_gather_rows_concatenates_unequal_shares_in_rank_order(rank):
+    mine, theirs = torch.randint(0, 9, (5, 3)), torch.randint(0, 9, (2, 3))
+    gathered = gather_rows(TwoProcessView(rank, [theirs]), mine, world_size=2)
+    assert torch.equal(gathered, torch.cat([mine, theirs] if rank == 0 else [theirs, mine]))
+
+
+def test_gather_rows_from_a_process_without_rows_takes_the_others_shape_and_dtype():
+    theirs = torch.randint(0, 9, (2, 3))
+    gathered = gather_rows(TwoProcessView(1, [theirs]), torch.empty(0), world_size=2)
+    assert gathered.dtype == torch.int64 and torch.equal(gathered, theirs)
+
+
+def test_prediction_collector_orders_by_index_and_drops_repeats():
+    # Process 0 predicted samples 0, 2, 4, 6 and (as a padding sampler would) 0 again; the other 1, 3, 5.
+    def predicted_class(indices):
+        return torch.tensor(indices) * 10
+
+    collector = PredictionCollector()
+    peer_indices = torch.tensor([1, 3, 5])
+    view = TwoProcessView(0, [peer_indices, predicted_class([1, 3, 5])])
+    trainer = SimpleNamespace(strategy=view, world_size=2)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    collector.on_predict_epoch_start(trainer, module)
+    for batch_idx, indices in enumerate([[0, 2], [4, 6], [0]]):
+        collector.write_on_batch_end(trainer, module, predicted_class(indices), indices, None, batch_idx, 0)
+    collector.on_predict_epoch_end(trainer, module)
+    assert torch.equal(collector.indices, torch.arange(7))
+    assert torch.equal(collector.predictions, torch.arange(7) * 10)
+
+
+def test_prediction_collector_refuses_batches_without_indices():
+    collector = PredictionCollector()
+    with pytest.raises(RuntimeError, match="cannot tell which samples batch 3 holds"):
+        collector.write_on_batch_end(None, None, torch.zeros(4), [], None, 3, 0)

@@ -20,7 +20,8 @@ class PredictionCollector(BasePredictionWriter):
     ascending) and `predictions` (one row per index, as predict_step returned
     them, on the CPU) are set on every process; before, both are None.
 
-    predict_step must return one tensor whose first dimension is the batch.
+    predict_step must return one tensor whose first dimension is the batch, and
+    there must be one predict dataloader (the indices of two would collide).
     """
 
     def __init__(self) -> None:
@@ -44,6 +45,8 @@ class PredictionCollector(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        if dataloader_idx != 0:
+            raise ValueError("PredictionCollector gathers the predictions of one predict dataloader, got several")
         if not isinstance(prediction, torch.Tensor) or prediction.dim() == 0:
             raise TypeError(f"predict_step must return a tensor with a batch dimension, got {type(prediction).__name__}")
         if batch_indices is None or len(batch_indices) != prediction.shape[0]:
