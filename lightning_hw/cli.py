@@ -9,6 +9,8 @@ reports' models and DataModules.
   (`--plots.*`), CSV logs and TensorBoard logs when tensorboard is installed.
 - FiniteLossCheck is always on: a NaN/infinite training loss ends the run with
   a message (epoch, step, what to try) and exit status 1.
+- `fit --ckpt_path last` resumes the newest last.ckpt under the logger's root
+  and goes on checkpointing into that run's folder.
 - `fit` ends with `test` on the best checkpoint and one summary line; `predict`
   writes predictions.csv (all processes' predictions under DDP, in data set
   order) into the run directory. Checkpoints load with weights_only=True.
