@@ -111,7 +111,7 @@ class ImageClassifier(pl.LightningModule):
         self.eval_accuracy[stage](logits, labels)
         self.eval_class_accuracy[stage].update(logits, labels)
         self.eval_confusion[stage].update(logits, labels)
-        self.log(f"{stage}_loss", loss, prog_bar=True)
+        self.log(f"{stage}_loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{stage}_acc", self.eval_accuracy[stage], prog_bar=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
