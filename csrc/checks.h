@@ -27,6 +27,36 @@ inline bool sym_true(const c10::SymBool& condition) {
   return condition.guard_bool(__FILE__, __LINE__);
 }
 
+// Size arithmetic that records int64 overflow instead of wrapping around (an
+// overflowed result reads 0), so that absurd padding or dilation is refused.
+// Symbolic operands pass unchecked: they stand for real tensors' sizes, which
+// the kernels check again as plain integers.
+struct CheckedSizes {
+  bool overflow = false;
+
+  c10::SymInt add(const c10::SymInt& a, const c10::SymInt& b) {
+    const auto x = a.maybe_as_int(), y = b.maybe_as_int();
+    if (!x.has_value() || !y.has_value()) return a + b;
+    int64_t sum = 0;
+    const bool overflowed = __builtin_add_overflow(*x, *y, &sum);
+    return record(overflowed, sum);
+  }
+
+  c10::SymInt multiply(const c10::SymInt& a, const c10::SymInt& b) {
+    const auto x = a.maybe_as_int(), y = b.maybe_as_int();
+    if (!x.has_value() || !y.has_value()) return a * b;
+    int64_t product = 0;
+    const bool overflowed = __builtin_mul_overflow(*x, *y, &product);
+    return record(overflowed, product);
+  }
+
+ private:
+  c10::SymInt record(bool overflowed, int64_t result) {
+    overflow = overflow || overflowed;
+    return overflowed ? 0 : result;
+  }
+};
+
 }  // namespace detail
 
 // Device and dtype agreement of (input, weight, bias), and the backend's dtypes.

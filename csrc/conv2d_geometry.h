@@ -119,23 +119,35 @@ inline Conv2dGeometry conv2d_geometry(
         ", expected bias to be 1-dimensional with ", g.out_channels,
         " elements, but got bias of size ", format_sizes(*bias_size), " instead");
   }
+  // As torch: an empty batch gives an empty output, but an image without rows
+  // or columns is refused, even where the padding alone would hold the kernel.
+  TORCH_CHECK(
+      sym_true(g.batch == 0) || (sym_true(g.in_h > 0) && sym_true(g.in_w > 0)),
+      "conv2d: expected input with non-zero height and width (only the batch may be empty), "
+      "but got input of size: ", format_sizes(input_size));
 
+  detail::CheckedSizes checked;
+  // Rows and columns the dilated kernel reaches past its first tap.
+  const c10::SymInt span_h = checked.multiply(g.kernel_h - 1, g.dilation_h);
+  const c10::SymInt span_w = checked.multiply(g.kernel_w - 1, g.dilation_w);
   if (pad_same) {
-    const c10::SymInt total_h = (g.kernel_h - 1) * g.dilation_h;
-    const c10::SymInt total_w = (g.kernel_w - 1) * g.dilation_w;
-    g.pad_top = total_h / 2;
-    g.pad_bottom = total_h - g.pad_top;
-    g.pad_left = total_w / 2;
-    g.pad_right = total_w - g.pad_left;
+    g.pad_top = span_h / 2;
+    g.pad_bottom = span_h - g.pad_top;
+    g.pad_left = span_w / 2;
+    g.pad_right = span_w - g.pad_left;
   } else {
     g.pad_top = g.pad_bottom = padding[0];
     g.pad_left = g.pad_right = padding[1];
   }
-
-  const c10::SymInt padded_h = g.in_h + g.pad_top + g.pad_bottom;
-  const c10::SymInt padded_w = g.in_w + g.pad_left + g.pad_right;
-  const c10::SymInt extent_h = (g.kernel_h - 1) * g.dilation_h + 1;
-  const c10::SymInt extent_w = (g.kernel_w - 1) * g.dilation_w + 1;
+  const c10::SymInt padded_h = checked.add(checked.add(g.in_h, g.pad_top), g.pad_bottom);
+  const c10::SymInt padded_w = checked.add(checked.add(g.in_w, g.pad_left), g.pad_right);
+  const c10::SymInt extent_h = checked.add(span_h, 1);
+  const c10::SymInt extent_w = checked.add(span_w, 1);
+  TORCH_CHECK(
+      !checked.overflow,
+      "conv2d: the padded input or the dilated kernel size overflows int64, given input of size ",
+      format_sizes(input_size), ", weight of size ", format_sizes(weight_size), ", padding=",
+      pad_same ? std::string("'same'") : c10::str(padding), " and dilation=", dilation);
   TORCH_CHECK(
       sym_true(padded_h >= extent_h) && sym_true(padded_w >= extent_w),
       "conv2d: calculated padded input size per channel: (", padded_h, " x ", padded_w,

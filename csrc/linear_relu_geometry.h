@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
+#include <c10/util/accumulate.h>
 
 #include <optional>
 #include <vector>
@@ -52,6 +53,13 @@ inline void check_linear_relu_operands(
   if (bias.has_value()) bias_size = bias->sym_sizes();
   linear_relu_output_size(input.sym_sizes(), weight.sym_sizes(), bias_size);
   check_operands("linear_relu", input, weight, bias, supported, backend);
+}
+
+// A (*, features) tensor as a (rows, features) matrix. The rows are the
+// product of the leading sizes: reshape's -1 is ambiguous when features is 0.
+inline at::Tensor as_rows(const at::Tensor& tensor, int64_t features) {
+  const auto sizes = tensor.sizes();
+  return tensor.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), features});
 }
 
 // Output size of the op for a concrete input.

@@ -39,6 +39,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -533,6 +534,30 @@ void conv2d_forward_impl(
   run_direct_conv(a);
 }
 
+// The kernels copy the zero-padded input (and, for the input gradient, the
+// zero-stuffed grad_output, in + span rows) into NHWC buffers, channels
+// padded to whole vectors. The geometry's own sizes fit in int64, but with
+// absurd padding or dilation these buffers' sizes may not: refuse those.
+// Anything smaller fits in memory or fails to allocate with a clear error.
+void check_buffer_sizes(const Conv2dShape& s) {
+  const auto rows = [](int64_t in, int64_t out, int64_t stride, int64_t kernel, int64_t dilation) {
+    const uint64_t span = uint64_t(kernel - 1) * uint64_t(dilation);
+    return std::max(uint64_t(out - 1) * uint64_t(stride) + span + 1, uint64_t(in) + span);
+  };
+  const uint64_t channels = std::max<uint64_t>(
+      s.in_channels, s.groups * round_up(s.out_channels_per_group(), 2 * lanes<float>()));
+  uint64_t bytes = sizeof(double);
+  bool overflow = false;
+  for (const uint64_t size : {uint64_t(s.batch), channels, rows(s.in_h, s.out_h, s.stride_h, s.kernel_h, s.dilation_h),
+                              rows(s.in_w, s.out_w, s.stride_w, s.kernel_w, s.dilation_w)})
+    overflow = overflow || __builtin_mul_overflow(bytes, size, &bytes);
+  TORCH_CHECK(
+      !overflow && bytes <= uint64_t(std::numeric_limits<int64_t>::max()),
+      "conv2d: the CPU kernel's zero-padded copy of the input (batch ", s.batch, ", ", channels,
+      " channels, padding (", s.pad_top, ", ", s.pad_left, "), dilation (", s.dilation_h, ", ", s.dilation_w,
+      ")) is too large to index in int64");
+}
+
 at::Tensor conv2d_cpu(
     const at::Tensor& input,
     const at::Tensor& weight,
@@ -545,6 +570,7 @@ at::Tensor conv2d_cpu(
   Conv2dForwardSetup setup = conv2d_forward_setup(
       input, weight, bias, stride, padding, dilation, groups, pad_same, {at::kFloat, at::kDouble}, "CPU");
   if (setup.out.numel() == 0) return setup.out;
+  check_buffer_sizes(setup.shape);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d", [&] {
     conv2d_forward_impl<scalar_t>(setup.input4, weight, bias, setup.shape, setup.out4);
   });
@@ -910,6 +936,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   at::Tensor& grad_weight = setup.grad_weight;
   at::Tensor& grad_bias = setup.grad_bias;
   if (s.batch == 0) return {grad_input, grad_weight, grad_bias};
+  check_buffer_sizes(s);
   const at::Tensor& grad4 = setup.grad4;
   const at::Tensor& input4 = setup.input4;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_backward", [&] {

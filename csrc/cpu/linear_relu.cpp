@@ -406,12 +406,6 @@ void streamed_weight_grad(
   });
 }
 
-std::vector<int64_t> output_sizes(const at::Tensor& input, int64_t out_features) {
-  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end() - 1);
-  sizes.push_back(out_features);
-  return sizes;
-}
-
 template <typename scalar_t>
 void bias_relu_inplace(scalar_t* out, const scalar_t* bias, int64_t rows, int64_t cols) {
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -431,12 +425,15 @@ at::Tensor linear_relu_cpu(
   check_linear_relu_operands(input, weight, bias, kCpuDtypes, "CPU");
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
-  const at::Tensor input_2d = input.reshape({-1, in_features});
+  const at::Tensor input_2d = as_rows(input, in_features);
   at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
     const scalar_t* bias_data = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    if (use_streamed(input_2d.size(0), out_features)) {
+    // The streamed forward sums its reduction chunk by chunk into partial
+    // sums that an empty reduction would leave unwritten: no input features
+    // go to the tiles or BLAS, whose empty sums are zero.
+    if (in_features > 0 && use_streamed(input_2d.size(0), out_features)) {
       const at::Tensor x = input_2d.contiguous();
       const at::Tensor w = weight.contiguous();
       out = at::empty({x.size(0), out_features}, x.options());
@@ -466,7 +463,7 @@ at::Tensor linear_relu_cpu(
       bias_relu_inplace<scalar_t>(out.data_ptr<scalar_t>(), bias_data, out.size(0), out_features);
     }
   });
-  return out.view(output_sizes(input, out_features));
+  return out.view(linear_relu_output_sizes(input, out_features));
 }
 
 // grad_pre = grad_output * (output > 0), written in place of a fresh buffer, and
@@ -512,19 +509,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     const at::Tensor& input,
     const at::Tensor& weight,
     std::array<bool, 3> output_mask) {
-  check_linear_relu_operands(input, weight, std::nullopt, kCpuDtypes, "CPU");
+  check_linear_relu_backward_operands(grad_output, output, input, weight, kCpuDtypes, "CPU");
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
-  const auto expected = output_sizes(input, out_features);
-  check_grad_output("linear_relu_backward", grad_output, input, expected);
-  TORCH_CHECK(
-      output.sizes() == at::IntArrayRef(expected) && output.scalar_type() == input.scalar_type(),
-      "linear_relu_backward: expected output of size ", at::IntArrayRef(expected), " and type ",
-      input.scalar_type(), " (the forward result), but got ", output.sizes(), " and ",
-      output.scalar_type());
-
-  const at::Tensor grad_2d = grad_output.reshape({-1, out_features}).contiguous();
-  const at::Tensor out_2d = output.reshape({-1, out_features}).contiguous();
+  const at::Tensor grad_2d = as_rows(grad_output, out_features).contiguous();
+  const at::Tensor out_2d = as_rows(output, out_features).contiguous();
   const int64_t rows = grad_2d.size(0);
   const auto options = grad_2d.options();
   at::Tensor grad_pre = at::empty_like(grad_2d);
@@ -539,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     const scalar_t* gp = grad_pre.const_data_ptr<scalar_t>();
     if (use_streamed(rows, out_features)) {
       const at::Tensor w = weight.contiguous();
-      const at::Tensor x = input.reshape({-1, in_features}).contiguous();
+      const at::Tensor x = as_rows(input, in_features).contiguous();
       if (output_mask[0]) {
         grad_input = at::empty(input.sizes(), options);
         streamed_input_grad<scalar_t>(
@@ -559,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
       if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
       if (output_mask[1]) {
         grad_weight = cpu::recycled_empty(weight.sizes(), options);
-        at::mm_out(grad_weight, grad_pre.t(), input.reshape({-1, in_features}));
+        at::mm_out(grad_weight, grad_pre.t(), as_rows(input, in_features));
       }
       return;
     }
@@ -577,7 +566,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
           grad_input.mutable_data_ptr<scalar_t>());
     }
     if (output_mask[1]) {
-      const at::Tensor x = input.reshape({-1, in_features}).contiguous();
+      const at::Tensor x = as_rows(input, in_features).contiguous();
       grad_weight = cpu::recycled_empty(weight.sizes(), options);
       tile_weight_grad<scalar_t>(
           gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features,

@@ -229,7 +229,7 @@ at::Tensor linear_relu_cuda(
   check_linear_relu_operands(input, weight, bias, kCudaDtypes, "CUDA");
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t in_features = weight.size(1), out_features = weight.size(0);
-  const at::Tensor input_2d = input.reshape({-1, in_features});
+  const at::Tensor input_2d = as_rows(input, in_features);
   const int64_t rows = input_2d.size(0);
   at::Tensor out = at::empty({rows, out_features}, input.options());
   if (out.numel() > 0) {
@@ -265,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  const at::Tensor grad_2d = grad_output.reshape({-1, out_features}).contiguous();
-  const at::Tensor out_2d = output.reshape({-1, out_features}).contiguous();
+  const at::Tensor grad_2d = as_rows(grad_output, out_features).contiguous();
+  const at::Tensor out_2d = as_rows(output, out_features).contiguous();
   const int64_t rows = grad_2d.size(0);
   const auto options = grad_2d.options();
   at::Tensor grad_pre = at::empty_like(grad_2d);
@@ -309,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(
     grad_weight = at::empty({out_features, in_features}, options);
     if (grad_weight.numel() > 0) {
       if (rows > 0)
-        lt_matmul(grad_pre.t(), input.reshape({-1, in_features}), grad_weight, nullptr, false);
+        lt_matmul(grad_pre.t(), as_rows(input, in_features), grad_weight, nullptr, false);
       else
         grad_weight.zero_();
     }

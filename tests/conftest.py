@@ -1,0 +1,43 @@
+"""Hypothesis profiles of the property tests (tests/test_fuzz_ops.py), and the
+count of the cases they ran, printed at the end of the session.
+
+`ci` (the default) keeps the whole suite fast; `fuzz` runs many more
+examples: HYPOTHESIS_PROFILE=fuzz python -m pytest tests/test_fuzz_ops.py.
+Both draw fresh examples on every run (no fixed seed, not derandomized);
+a failure prints the blob that replays it (@reproduce_failure).
+"""
+
+import collections
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+_common = dict(
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", max_examples=100, **_common)
+settings.register_profile("fuzz", max_examples=5_000, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+_fuzz_cases = collections.Counter()
+
+
+@pytest.fixture(scope="session")
+def fuzz_cases():
+    """(op, kind) -> number of cases run; kind is valid, invalid (torch rejects
+    it too) or refused (our contract alone rejects it)."""
+    return _fuzz_cases
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _fuzz_cases:
+        return
+    profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    terminalreporter.section(f"fuzz cases (hypothesis profile {profile})")
+    for op in sorted({op for op, _ in _fuzz_cases}):
+        kinds = sorted((kind, n) for (name, kind), n in _fuzz_cases.items() if name == op)
+        terminalreporter.write_line(f"{op}: " + ", ".join(f"{kind} {n}" for kind, n in kinds))
