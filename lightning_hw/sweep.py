@@ -168,19 +168,15 @@ def fit_option(name: str, value: Any) -> str:
 
 
 def short_names(names: Sequence[str]) -> dict[str, str]:
-    """Each dotted name's shortest trailing part that no other name ends with (for tables)."""
+    """Each dotted name's shortest tail (leaving out `init_args`) that no other name ends with, for tables."""
+    reduced = {name: [part for part in name.split(".") if part != "init_args"] for name in names}
     short = {}
-    for name in names:
-        parts = name.split(".")
+    for name, parts in reduced.items():
         for length in range(1, len(parts) + 1):
-            candidate = ".".join(parts[-length:])
-            if candidate != "init_args" and not any(
-                other != name and (other == candidate or other.endswith("." + candidate)) for other in names
-            ):
-                short[name] = candidate
+            tail = parts[-length:]
+            if not any(other != name and others[-length:] == tail for other, others in reduced.items()):
                 break
-        else:
-            short[name] = name
+        short[name] = ".".join(tail)
     return short
 
 
@@ -344,7 +340,7 @@ def run_cli(arguments: list[str], cli_class: Callable[..., LightningHWCLI] = Lig
 
 
 class _ArgumentsParsed(Exception):
-    """Raised by ArgumentCheckCLI once the arguments have parsed."""
+    """Raised by ArgumentCheckCLI once the arguments have parsed; carries its parser."""
 
 
 class ArgumentCheckCLI(LightningHWCLI):
@@ -355,19 +351,23 @@ class ArgumentCheckCLI(LightningHWCLI):
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        raise _ArgumentsParsed
+        raise _ArgumentsParsed(self.parser)
 
 
 def check_arguments(settings: SweepSettings) -> None:
     """Parse trial command lines (every listed value and range end in some trial) before starting."""
     checks = max(len(parameter.check_values()) for parameter in settings.parameters)
+    parser = None
     for index in range(checks):
         values = {p.name: p.check_values()[min(index, len(p.check_values()) - 1)] for p in settings.parameters}
         arguments = settings.fit_arguments("fit", values, settings.output_dir / "check")
         try:
-            run_cli(arguments, cli_class=ArgumentCheckCLI)
-        except _ArgumentsParsed:
-            continue
+            if parser is None:
+                run_cli(arguments, cli_class=ArgumentCheckCLI)
+            else:  # the first check's parser: building one takes longer than parsing
+                parser.parse_args(arguments)
+        except _ArgumentsParsed as parsed:
+            parser = parsed.args[0]
         except Exception as error:
             raise ValueError(f"the fit parser rejects a trial's arguments {arguments[3:]}:\n{error}") from error
 
@@ -424,13 +424,13 @@ def open_study(settings: SweepSettings) -> optuna.Study:
             f"study {settings.study_name!r} in {settings.storage} was started with another {', '.join(changed)}: "
             f"{json.dumps({key: stored.get(key) for key in changed})}; give another --output_dir or --study_name"
         )
-    # A fresh sampler seed per resume, so a resumed TPE does not replay the first run's draws.
-    seed = settings.seed + len(study.trials)
     if settings.sampler == "grid":
+        # The seed orders the grid points, which trials name by index: it must stay the same.
         grid = {parameter.name: list(parameter.grid_values()) for parameter in settings.parameters}
-        study.sampler = optuna.samplers.GridSampler(grid, seed=seed)
+        study.sampler = optuna.samplers.GridSampler(grid, seed=settings.seed)
     else:
-        study.sampler = optuna.samplers.TPESampler(seed=seed)
+        # A fresh seed per resume, so a resumed TPE does not replay the first run's draws.
+        study.sampler = optuna.samplers.TPESampler(seed=settings.seed + len(study.trials))
     study.pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=settings.pruning_startup_trials, n_warmup_steps=settings.pruning_warmup)
         if settings.pruning
