@@ -317,7 +317,15 @@ class TrialPruning(Callback):
             trainer.should_stop = True
 
 
-class TrialCLI(LightningHWCLI):
+class FitOnlyCLI(LightningHWCLI):
+    """The CLI with only its `fit` parser (building all four takes most of a small trial's set-up)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": LightningHWCLI.subcommands()["fit"]}
+
+
+class TrialCLI(FitOnlyCLI):
     """One trial's `fit`: extra trainer callbacks, and no test at the end (the sweep tests its best trial)."""
 
     def __init__(self, *args: Any, trial_callbacks: Sequence[Callback], **kwargs: Any) -> None:
@@ -343,7 +351,7 @@ class _ArgumentsParsed(Exception):
     """Raised by ArgumentCheckCLI once the arguments have parsed; carries its parser."""
 
 
-class ArgumentCheckCLI(LightningHWCLI):
+class ArgumentCheckCLI(FitOnlyCLI):
     """Parses a command line with the fit parser, raising its error, and builds nothing."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
