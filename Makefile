@@ -38,7 +38,7 @@ $(TORCH_STAMP): $(STAMPS)/venv
 
 # Runtime, dev and transfer dependencies as pyproject.toml lists them, with the
 # installed torch as a constraint: pip keeps it, and resolves torchvision to the
-# release built for it (each torchvision pins its torch). PyPI's torchvision is a
+# release built for it (without it, pip would upgrade torch). PyPI's torchvision is a
 # CUDA build that does not load with a CPU-only torch (and then breaks
 # torchmetrics' imports): it is removed again, and TransferNet's tests skip.
 $(STAMPS)/deps: $(TORCH_STAMP) pyproject.toml

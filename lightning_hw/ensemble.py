@@ -44,7 +44,7 @@ def load_member(path: str | Path, device: torch.device) -> ImageClassifier:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
     if not isinstance(class_path, str):
-        raise ValueError(f"checkpoint {path} names no model class (hyper_parameters['_class_path']): was it written by fit?")
+        raise ValueError(f"checkpoint {path} names no model class (hyper_parameters['_class_path']): not from fit?")
     module_name, _, class_name = class_path.rpartition(".")
     # Only classes already imported: a checkpoint must not make us import code.
     model_class = getattr(sys.modules.get(module_name), class_name, None)
@@ -96,6 +96,17 @@ class EnsembleResult:
     table_path: Path
 
 
+def write_table(rows: list[dict], path: Path) -> Path:
+    """Write rows (dicts with the same keys) as CSV via a temporary file, so `path` is always whole."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+    return path
+
+
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predicted == labels).double().mean())
 
@@ -126,31 +137,25 @@ def evaluate(
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     probabilities, labels = member_probabilities(models, loader, target)
 
-    rows = [
-        {"member": f"member {index + 1}", "checkpoint": str(path),
-         f"{split}_acc": accuracy(probabilities[index].argmax(dim=1), labels), "answered": ""}
-        for index, path in enumerate(checkpoints)
-    ]  # fmt: skip
-    rows.append({"member": "mean", "checkpoint": "", f"{split}_acc": accuracy(mean_predictions(probabilities), labels), "answered": ""})
+    column = f"{split}_acc"
+
+    def row(member: str, predicted: torch.Tensor, checkpoint: str = "", answered: int | str = "") -> dict:
+        return {"member": member, "checkpoint": checkpoint, column: accuracy(predicted, labels), "answered": answered}
+
+    rows = [row(f"member {i + 1}", probabilities[i].argmax(1), str(path)) for i, path in enumerate(checkpoints)]
+    rows.append(row("mean", mean_predictions(probabilities)))
     if margin is not None:
         predicted, answering = margin_deferral(probabilities, margin)
-        counts = torch.bincount(answering, minlength=len(models)).tolist()
-        for row, count in zip(rows, counts):
-            row["answered"] = count
-        rows.append({"member": f"margin {margin:g}", "checkpoint": "", f"{split}_acc": accuracy(predicted, labels), "answered": len(labels)})
+        for member_row, count in zip(rows, torch.bincount(answering, minlength=len(models)).tolist()):
+            member_row["answered"] = count
+        rows.append(row(f"margin {margin:g}", predicted, answered=len(labels)))
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    table_path = output_dir / "ensemble.csv"
-    temporary = table_path.with_name(table_path.name + ".tmp")
-    with temporary.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, table_path)
+    table_path = write_table(rows, output_dir / "ensemble.csv")
 
     name = "test" if split == "test" else "validation"
     for row in rows:
-        parts = [f"{row['member']}: {name} accuracy {100.0 * row[f'{split}_acc']:.2f}%"]
+        parts = [f"{row['member']}: {name} accuracy {100.0 * row[column]:.2f}%"]
         if row["checkpoint"]:
             parts.append(f"checkpoint: {row['checkpoint']}")
         if row["answered"] != "":
@@ -167,11 +172,11 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--config", type=Path_fr | None, default=None, help="A fit config; its data section is used.")
     parser.add_subclass_arguments(ImageClassificationDataModule, "data", required=False)
-    parser.add_argument("--checkpoints", type=Path_fr, nargs="+", required=True, help="Two or more checkpoints written by fit.")
-    parser.add_argument("--margin", type=float | None, default=None, help="Also report 001's deferral with this margin.")
+    parser.add_argument("--checkpoints", type=Path_fr, nargs="+", required=True, help="Two or more fit checkpoints.")
+    parser.add_argument("--margin", type=float | None, default=None, help="Also report 001's deferral, this margin.")
     parser.add_argument("--split", type=Literal["test", "val"], default="test")
     parser.add_argument("--output_dir", type=str, default="runs/ensemble", help="Where ensemble.csv goes.")
-    parser.add_argument("--device", type=str, default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=str, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     return parser
 
 

@@ -1,48 +1,36 @@
 """`python -m lightning_hw sweep --config SWEEP.yaml`: hyper-parameter search over
 a fit config (report 000's `find_best_net`), with Optuna.
 
-A sweep YAML (see configs/sweeps/) holds:
+A sweep YAML (configs/sweeps/) holds the options of `SweepSettings`: the base
+fit config, the search space (dotted fit argument -> a list of values, or a
+range `{low, high, log, step, num}`: `num` points of it for a grid, the range
+itself for TPE), fixed fit arguments, sampler, n_trials, pruning, metric and
+output_dir. Each is an option too (`--n_trials 8`); any other `--trainer.*`,
+`--model.*`, `--data.*`, `--checkpoint.*`, `--plots.*` or `--seed_everything`
+option goes to every trial's fit.
 
-- `base_config`: the fit config every trial starts from (relative to the sweep YAML).
-- `search_space`: dotted fit argument -> values. A list is a set of values
-  (the grid's points, TPE's categories); `{low, high}` is a range, with
-  optional `log: true`, `step` (its spacing) and `num` (how many points a grid
-  takes from it, evenly or log-spaced; TPE ignores it).
-- `fit_args`: dotted fit argument -> value, the same for every trial.
-- `sampler`: `grid` (every point once) or `tpe`; `n_trials` (grid: all points).
-- `pruning`: stop a trial whose metric, after a validation, is below the median
-  of the earlier trials at the same validation (`pruning_startup_trials`,
-  `pruning_warmup` validations are never pruned).
-- `metric` (`val_acc`), `mode` (`max`), `output_dir`, `storage` (default
-  `sqlite:///OUTPUT_DIR/sweep.db`), `study_name`, `seed`, `test_best`.
-
-Each is an option too (`--n_trials 8`); any other `--trainer.*`, `--model.*`,
-`--data.*`, `--checkpoint.*`, `--plots.*` or `--seed_everything` option goes
-to every trial's `fit`. A trial is one in-process `fit` built by
-lightning_hw.cli (without its closing test) in `OUTPUT_DIR/trial_NNNN`,
-reporting the metric after each validation to Optuna; its value is the best
-metric its checkpoint callback saw.
+A trial is one in-process `fit` built by lightning_hw.cli (without its closing
+test) in `OUTPUT_DIR/trial_NNNN`; it reports the metric to Optuna after each
+validation, and its value is the best metric its checkpoint callback saw.
+The trial command lines are parsed before anything starts.
 
 The study lives in the storage, so rerunning the same command resumes it:
 finished trials are kept, and only the trials missing to `n_trials` (complete
-or pruned) run. A trial whose process died stops sending heartbeats and is run
-again with the same values once `grace_period` seconds have passed; several
-machines can share one study through a database URL as `--storage`.
+or pruned) run. A trial whose process died stops sending heartbeats and runs
+again with the same values once `grace_period` seconds have passed; machines
+sharing a database as `--storage` share the sweep.
 
-At the end: `OUTPUT_DIR/trials.csv` and a table sorted by the metric, the best
-checkpoint copied to `OUTPUT_DIR/best.ckpt`, and its test accuracy (the `test`
-subcommand's line).
+At the end: `OUTPUT_DIR/trials.csv` and a printed table sorted by the metric,
+the best checkpoint copied to `OUTPUT_DIR/best.ckpt`, and its test accuracy
+(the `test` subcommand's line).
 """
-
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import math
 import os
 import shutil
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +45,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 
 from lightning_hw.cli import LightningHWCLI
 from lightning_hw.cli import main as cli_main
+from lightning_hw.ensemble import write_table
 
 # Top-level keys of the fit parser: options under them go to every trial.
 FIT_GROUPS = ("trainer", "model", "data", "checkpoint", "plots", "seed_everything")
@@ -95,7 +84,9 @@ class SearchParameter:
                 raise ValueError(f"{where}: the values {spec} repeat")
             return cls(name, values=values)
         if not isinstance(spec, dict):
-            raise ValueError(f"{where}: expected a list of values or a range {{low, high, log, step, num}}, got {spec!r}")
+            raise ValueError(
+                f"{where}: expected a list of values or a range {{low, high, log, step, num}}, got {spec!r}"
+            )
         unknown = set(spec) - RANGE_KEYS
         if unknown or not {"low", "high"} <= set(spec):
             raise ValueError(f"{where}: a range has keys low, high and optionally log, step, num; got {sorted(spec)}")
@@ -131,7 +122,8 @@ class SearchParameter:
         if self.step is not None or self.is_int:
             step = self.step or 1
             count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
-            return tuple(self.low + i * step if self.is_int else float(f"{self.low + i * step:.12g}") for i in range(count))
+            points = [self.low + i * step for i in range(count)]
+            return tuple(points if self.is_int else (float(f"{p:.12g}") for p in points))
         raise ValueError(
             f"search_space[{self.name!r}]: a grid needs the values of a float range: give num (points) or step"
         )
@@ -186,26 +178,47 @@ def short_names(names: Sequence[str]) -> dict[str, str]:
 
 @dataclass
 class SweepSettings:
-    """What one sweep runs; see the module docstring."""
+    """What one sweep runs: the options of `python -m lightning_hw sweep` (and the keys of a sweep YAML).
 
-    base_config: Path
+    Args:
+        base_config: The fit config every trial starts from (in a YAML: relative to it).
+        search_space: Dotted fit argument -> a list of values, or a range {low, high, log, step, num}.
+        output_dir: Where the trials, trials.csv, best.ckpt and (by default) sweep.db go.
+        fit_args: Dotted fit argument -> value, the same for every trial.
+        sampler: grid (every point once) or tpe.
+        n_trials: Trials in all, complete or pruned (grid: default every point).
+        pruning: Stop a trial below the median of the complete ones at the same validation.
+        pruning_startup_trials: Complete trials before any is pruned.
+        pruning_warmup: Validations of a trial before it may be pruned.
+        metric: The metric logged at validation that ranks trials.
+        mode: Whether a higher (max) or lower (min) metric is better.
+        storage: Optuna storage URL (default sqlite:///OUTPUT_DIR/sweep.db); a shared database spreads a sweep
+            over machines.
+        study_name: The study's name in the storage (default: output_dir's last part).
+        seed: Seeds the sampler (TPE: plus the number of trials so far, so a resumed sweep draws anew).
+        heartbeat_interval: Seconds between a running trial's heartbeats.
+        grace_period: Seconds without a heartbeat after which a running trial counts as dead and is run again.
+        test_best: Test the best checkpoint at the end.
+    """
+
+    base_config: Path_fr
     search_space: dict[str, Any]
-    output_dir: Path
+    output_dir: str
     fit_args: dict[str, Any] = field(default_factory=dict)
     sampler: Literal["grid", "tpe"] = "grid"
-    n_trials: int | None = None
+    n_trials: PositiveInt | None = None
     pruning: bool = False
-    pruning_startup_trials: int = 3
-    pruning_warmup: int = 0
+    pruning_startup_trials: NonNegativeInt = 3
+    pruning_warmup: NonNegativeInt = 0
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
     storage: str | None = None
     study_name: str | None = None
     seed: int = 0
-    heartbeat_interval: int = 10
-    grace_period: int = 30
+    heartbeat_interval: PositiveInt = 10
+    grace_period: PositiveInt = 30
     test_best: bool = True
-    # Options given on the command line for every trial's fit, verbatim.
+    # Options given on the command line for every trial's fit, verbatim (not a sweep option).
     passthrough: list[str] = field(default_factory=list)
     parameters: list[SearchParameter] = field(init=False)
 
@@ -226,6 +239,7 @@ class SweepSettings:
             self.n_trials = self.n_trials or grid_size
         elif self.n_trials is None:
             raise ValueError(f"sampler {self.sampler!r} needs n_trials")
+        self.base_config = Path(getattr(self.base_config, "absolute", self.base_config)).resolve()
         self.output_dir = Path(self.output_dir)
         self.storage = self.storage or f"sqlite:///{self.output_dir.resolve() / 'sweep.db'}"
         self.study_name = self.study_name or self.output_dir.resolve().name
@@ -248,26 +262,11 @@ class SweepSettings:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m lightning_hw sweep",
-        description="Hyper-parameter search over a fit config; any --trainer/--model/--data/... option goes to every trial.",
+        description="Hyper-parameter search over a fit config; other --trainer.*, --model.*, --data.*, "
+        "--checkpoint.*, --plots.* or --seed_everything options go to every trial's fit.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="The sweep YAML.")
-    parser.add_argument("--base_config", type=Path_fr, required=True, help="The fit config of every trial.")
-    parser.add_argument("--search_space", type=dict[str, Any], required=True, help="Dotted fit argument -> list or range.")
-    parser.add_argument("--fit_args", type=dict[str, Any], default={}, help="Dotted fit argument -> value, for every trial.")
-    parser.add_argument("--sampler", type=Literal["grid", "tpe"], default="grid")
-    parser.add_argument("--n_trials", type=PositiveInt | None, default=None, help="Trials in all (grid: every point).")
-    parser.add_argument("--pruning", type=bool, default=False, help="Stop trials below the median (Optuna MedianPruner).")
-    parser.add_argument("--pruning_startup_trials", type=NonNegativeInt, default=3, help="Trials never pruned.")
-    parser.add_argument("--pruning_warmup", type=NonNegativeInt, default=0, help="Validations never pruned.")
-    parser.add_argument("--metric", type=str, default="val_acc", help="A metric logged at validation.")
-    parser.add_argument("--mode", type=Literal["max", "min"], default="max")
-    parser.add_argument("--output_dir", type=str, required=True, help="Trials, trials.csv, best.ckpt, sweep.db.")
-    parser.add_argument("--storage", type=str | None, default=None, help="Optuna storage URL (default: sqlite in output_dir).")
-    parser.add_argument("--study_name", type=str | None, default=None, help="Default: the output_dir's name.")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the sampler (with the number of trials so far).")
-    parser.add_argument("--heartbeat_interval", type=PositiveInt, default=10, help="Seconds between a trial's heartbeats.")
-    parser.add_argument("--grace_period", type=PositiveInt, default=30, help="Seconds of silence before a trial is rerun.")
-    parser.add_argument("--test_best", type=bool, default=True, help="Test the best checkpoint at the end.")
+    parser.add_class_arguments(SweepSettings, skip={"passthrough"})
     return parser
 
 
@@ -283,10 +282,8 @@ def parse_settings(args: Sequence[str]) -> SweepSettings:
                 passthrough.append(tokens.pop(0))
         else:
             own.append(token)
-    parser = build_parser()
-    config = parser.parse_args(own).as_dict()
+    config = build_parser().parse_args(own).as_dict()
     config.pop("config", None)
-    config["base_config"] = Path(config["base_config"].absolute).resolve()
     return SweepSettings(**config, passthrough=passthrough)
 
 
@@ -382,7 +379,8 @@ def check_arguments(settings: SweepSettings) -> None:
 
 def run_trial(trial: optuna.Trial, settings: SweepSettings) -> float:
     """Optuna's objective: one fit with the trial's values; its best metric."""
-    values = {parameter.name: parameter.suggest(trial, settings.sampler == "grid") for parameter in settings.parameters}
+    grid = settings.sampler == "grid"
+    values = {parameter.name: parameter.suggest(trial, grid) for parameter in settings.parameters}
     run_dir = settings.output_dir / f"trial_{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir))
     pruning = TrialPruning(trial, settings.metric)
@@ -439,11 +437,12 @@ def open_study(settings: SweepSettings) -> optuna.Study:
     else:
         # A fresh seed per resume, so a resumed TPE does not replay the first run's draws.
         study.sampler = optuna.samplers.TPESampler(seed=settings.seed + len(study.trials))
-    study.pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=settings.pruning_startup_trials, n_warmup_steps=settings.pruning_warmup)
-        if settings.pruning
-        else optuna.pruners.NopPruner()
-    )
+    if settings.pruning:
+        study.pruner = optuna.pruners.MedianPruner(
+            n_startup_trials=settings.pruning_startup_trials, n_warmup_steps=settings.pruning_warmup
+        )
+    else:
+        study.pruner = optuna.pruners.NopPruner()
     return study
 
 
@@ -478,15 +477,6 @@ def table_rows(study: optuna.Study, settings: SweepSettings) -> list[dict[str, A
         return (value is None, sign * value if value is not None else 0.0, row["trial"])
 
     return sorted(rows, key=order)
-
-
-def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 def format_table(rows: list[dict[str, Any]], settings: SweepSettings) -> str:
@@ -556,6 +546,9 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     best_checkpoint = None
     if counts[TrialState.COMPLETE]:
         best = study.best_trial
+        if not Path(best.user_attrs["checkpoint"]).is_file():  # a trial another machine ran
+            print(f"best: {trial_line(best, settings)} | checkpoint {best.user_attrs['checkpoint']} is elsewhere")
+            return SweepResult(study, rows, table_path, None, ran=len(study.trials) - before)
         best_checkpoint = copy_checkpoint(best.user_attrs["checkpoint"], settings.output_dir / "best.ckpt")
         print(f"best: {trial_line(best, settings)} | checkpoint: {best_checkpoint}")
         if settings.test_best:

@@ -115,8 +115,9 @@ def test_bad_ensembles_are_clear_errors(members, tmp_path):
         main(["ensemble", "--checkpoints", *map(str, members[:2]), "--margin=1.5", f"--output_dir={tmp_path}"])
     cifar_dir = write_cifar10(tmp_path / "cifar").parent
     with pytest.raises(ValueError, match=r"shape \(1, 8, 8\).*shape \(3, 32, 32\)"):
-        main(["ensemble", "--config", str(CONFIG_DIR / "cifar10_twolayer.yaml"), f"--data.init_args.data_dir={cifar_dir}",
-              "--checkpoints", *map(str, members[:2]), f"--output_dir={tmp_path}"])  # fmt: skip
+        main(["ensemble", "--config", str(CONFIG_DIR / "cifar10_twolayer.yaml"),
+              f"--data.init_args.data_dir={cifar_dir}", "--checkpoints", *map(str, members[:2]),
+              f"--output_dir={tmp_path}"])  # fmt: skip
     # A checkpoint may only name a model class that is already imported, never make us import one.
     checkpoint = torch.load(members[0], weights_only=True)
     for class_path in ("subprocess.Popen", "not_imported_module.Model"):

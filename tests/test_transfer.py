@@ -30,8 +30,8 @@ BACKBONE = "resnet18"  # the smallest ResNet: the tests' forward/backward passes
 
 
 def small_net(**kwargs) -> TransferNet:
-    settings = {"backbone": BACKBONE, "image_size": 40, "num_classes": 5, "input_shape": (3, 32, 32), "hidden_sizes": [16]}
-    return TransferNet(**{**settings, **kwargs})
+    settings = {"backbone": BACKBONE, "image_size": 40, "num_classes": 5, "input_shape": (3, 32, 32)}
+    return TransferNet(**{**settings, "hidden_sizes": [16], **kwargs})
 
 
 def test_missing_torchvision_is_a_clear_error(monkeypatch):

@@ -22,15 +22,18 @@ from lightning_hw.nn import Conv2d, LinearReLU
 
 def import_torchvision():
     """torchvision, or an ImportError that says why it is missing or does not load."""
+    release = torch.__version__.split("+")[0]
+    advice = (
+        f"install the torchvision built for torch {release} with `pip install torchvision -c constraints.txt`, "
+        f"constraints.txt holding torch=={release} (make install does this); PyPI's torchvision wheels are CUDA "
+        "builds, so a CPU-only torch needs the +cpu torchvision wheel from PyTorch's own wheel index"
+    )
     try:
         import torchvision
     except ImportError as error:
-        raise ImportError(
-            "TransferNet needs torchvision: install the release that pairs with your torch "
-            f"{torch.__version__} (e.g. pip install torchvision -c <(echo torch=={torch.__version__.split('+')[0]}))"
-        ) from error
+        raise ImportError(f"TransferNet needs torchvision: {advice}") from error
     except Exception as error:  # a wheel built for another torch fails while registering its ops
-        raise ImportError(f"torchvision does not load with torch {torch.__version__}: {error}") from error
+        raise ImportError(f"torchvision does not load with torch {torch.__version__} ({error}): {advice}") from error
     return torchvision
 
 
@@ -139,7 +142,9 @@ class TransferNet(ImageClassifier):
         torchvision = import_torchvision()
         available = torchvision.models.list_models(module=torchvision.models)
         if name not in available:
-            raise ValueError(f"backbone must be a torchvision classification model ({', '.join(available)}), got {name!r}")
+            raise ValueError(
+                f"backbone must be a torchvision classification model ({', '.join(available)}), got {name!r}"
+            )
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
         try:
             return torchvision.models.get_model(name, weights=weights)
@@ -174,8 +179,9 @@ class TransferNet(ImageClassifier):
         images = images.reshape(-1, *self.input_shape)  # the data module may flatten
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        if self.image_size is not None and images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        size = (self.image_size, self.image_size)
+        if self.image_size is not None and images.shape[-2:] != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             features = self.backbone(images)
         return self.head(features.flatten(1))
