@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fakes import write_cifar10
 from lightning_hw.cli import CONFIG_DIR, main
 from lightning_hw.models import TransferNet
-from lightning_hw.models.transfer import import_torchvision
+from lightning_hw.models.transfer import import_torchvision, use_our_ops
 from lightning_hw.nn import Conv2d, LinearReLU
 
 try:
@@ -40,6 +40,26 @@ def test_missing_torchvision_is_a_clear_error(monkeypatch):
         small_net()
 
 
+def test_use_our_ops_swaps_convolutions_and_linear_relu_pairs_keeping_outputs_and_keys():
+    """A VGG-like stack (the classifier of VGG / AlexNet has Linear, ReLU, Dropout runs)."""
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 8)),
+        torch.nn.Linear(8, 3),
+    ).double()
+    reference = {name: value.clone() for name, value in network.state_dict().items()}
+    images = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    expected = network(images)
+    use_our_ops(network)
+    assert type(network[0]) is Conv2d and type(network[1]) is torch.nn.ReLU  # a ReLU after a conv stays
+    assert type(network[3][0]) is LinearReLU and type(network[3][1]) is torch.nn.Identity
+    assert type(network[3][2]) is torch.nn.Linear and type(network[4]) is torch.nn.Linear  # no ReLU after them
+    assert network.state_dict().keys() == reference.keys()
+    torch.testing.assert_close(network(images), expected)
+
+
 @needs_torchvision
 @pytest.mark.parametrize("input_shape", [(3, 32, 32), (1, 48, 48)])
 def test_forward_resizes_repeats_gray_and_heads_with_linear_relu(input_shape):
@@ -59,8 +79,8 @@ def test_forward_resizes_repeats_gray_and_heads_with_linear_relu(input_shape):
 
 @needs_torchvision
 def test_our_convolutions_match_torchs_outputs_and_every_gradient():
-    ours = small_net(our_conv2d=True).double()
-    reference = small_net(our_conv2d=False).double()
+    ours = small_net(our_ops=True).double()
+    reference = small_net(our_ops=False).double()
     reference.load_state_dict(ours.state_dict())
     assert not any(isinstance(m, Conv2d) for m in reference.modules())
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)

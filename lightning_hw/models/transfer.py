@@ -37,19 +37,31 @@ def import_torchvision():
     return torchvision
 
 
-def _replace_convolutions(module: nn.Module) -> None:
-    """Swap every torch.nn.Conv2d below `module` for lightning_hw.nn.Conv2d, weights kept."""
-    for name, child in module.named_children():
+def use_our_ops(module: nn.Module) -> None:
+    """Swap, below `module`, every torch.nn.Conv2d for lightning_hw.nn.Conv2d and every
+    Linear followed by ReLU in a Sequential for LinearReLU (the ReLU's place becomes an
+    Identity, so state_dict keys stay those of the torch network); weights kept."""
+    children = list(module.named_children())
+    for index, (name, child) in enumerate(children):
         if type(child) is nn.Conv2d:
             ours = Conv2d(
                 child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
                 padding=child.padding, dilation=child.dilation, groups=child.groups,
                 bias=child.bias is not None, padding_mode=child.padding_mode,
             )  # fmt: skip
-            ours.load_state_dict(child.state_dict())
-            setattr(module, name, ours)
+        elif (
+            isinstance(module, nn.Sequential)
+            and type(child) is nn.Linear
+            and index + 1 < len(children)
+            and type(children[index + 1][1]) is nn.ReLU
+        ):
+            ours = LinearReLU(child.in_features, child.out_features, bias=child.bias is not None)
+            setattr(module, children[index + 1][0], nn.Identity())
         else:
-            _replace_convolutions(child)
+            use_our_ops(child)
+            continue
+        ours.to(child.weight).load_state_dict(child.state_dict())  # the child's dtype and device too
+        setattr(module, name, ours)
 
 
 def _cut_classifier(backbone: nn.Module, name: str) -> int:
@@ -85,8 +97,8 @@ class TransferNet(ImageClassifier):
         dropout: dropout after each of them.
         freeze_backbone: do not train the backbone (see above).
         unfreeze_after_epochs: with freeze_backbone, train the backbone from this epoch on.
-        our_conv2d: run the backbone's convolutions on lightning_hw.ops.conv2d
-            (False: torch's own convolution).
+        our_ops: run the backbone's convolutions and Linear+ReLU pairs on
+            lightning_hw's ops (False: torch's own kernels).
         **kwargs: ImageClassifier's arguments (num_classes, input_shape, optimizer, ...).
     """
 
@@ -99,7 +111,7 @@ class TransferNet(ImageClassifier):
         dropout: float = 0.0,
         freeze_backbone: bool = False,
         unfreeze_after_epochs: int | None = None,
-        our_conv2d: bool = True,
+        our_ops: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -120,8 +132,8 @@ class TransferNet(ImageClassifier):
         self.unfreeze_after_epochs = unfreeze_after_epochs
         self.backbone = self._build_backbone(backbone, pretrained)
         features = _cut_classifier(self.backbone, backbone)
-        if our_conv2d:
-            _replace_convolutions(self.backbone)
+        if our_ops:
+            use_our_ops(self.backbone)
         layers: list[nn.Module] = []
         width = features
         for hidden in hidden_sizes:
