@@ -323,13 +323,23 @@ class FitOnlyCLI(LightningHWCLI):
 
 
 class TrialCLI(FitOnlyCLI):
-    """One trial's `fit`: extra trainer callbacks, and no test at the end (the sweep tests its best trial)."""
+    """One trial's `fit`: extra trainer callbacks, one device by default, and no test at the
+    end (the sweep tests its best trial)."""
 
     def __init__(self, *args: Any, trial_callbacks: Sequence[Callback], **kwargs: Any) -> None:
-        defaults = dict(kwargs.pop("trainer_defaults", None) or {})
+        defaults = {"devices": 1, **(kwargs.pop("trainer_defaults", None) or {})}
         given = defaults.get("callbacks") or []
         defaults["callbacks"] = [*(given if isinstance(given, list) else [given]), *trial_callbacks]
         super().__init__(*args, trainer_defaults=defaults, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"a sweep trial runs inside the sweep's process, on one device; got {trainer.world_size} processes. "
+                "For several devices run one sweep per device (--trainer.devices=[N]) on a shared --storage"
+            )
+        return trainer
 
     def fit(self, model: LightningModule, **kwargs: Any) -> None:
         kwargs.update(weights_only=True)

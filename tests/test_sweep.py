@@ -203,6 +203,8 @@ def test_sweep_options_are_checked_by_the_parser(tmp_path, data_dir, capsys):
     config = write_sweep(tmp_path / "ok.yaml")
     with pytest.raises(ValueError, match="sets a searched argument"):
         run_sweep(config, data_dir, f"--{HIDDEN}=16")
+    with pytest.raises(ValueError, match="one device"):  # DDP would start the whole sweep again per process
+        run_sweep(config, data_dir, "--trainer.accelerator=cpu", "--trainer.devices=2")
 
 
 @pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=[path.name for path in SWEEP_CONFIGS])
