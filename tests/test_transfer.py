@@ -141,6 +141,27 @@ def test_pretrained_weights_without_network_are_a_clear_error(monkeypatch, tmp_p
 
 
 @needs_torchvision
+def test_pretrained_weights_from_a_file_and_checkpoints_that_need_no_weights(tmp_path):
+    source = import_torchvision().models.get_model(BACKBONE, weights=None)
+    weights_file = tmp_path / "resnet18-weights.pth"
+    torch.save(source.state_dict(), weights_file)
+    model = small_net(pretrained=str(weights_file))
+    torch.testing.assert_close(model.backbone.conv1.weight, source.conv1.weight)
+    torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+    data = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.arange(4)), batch_size=4)
+    trainer = Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, train_dataloaders=data)
+    checkpoint = tmp_path / "transfer.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    weights_file.unlink()  # a checkpoint holds every weight: loading it reads no pretrained file
+    restored = TransferNet.load_from_checkpoint(checkpoint, weights_only=True)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[name], value, msg=name)
+
+
+@needs_torchvision
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -90,8 +90,10 @@ class TransferNet(ImageClassifier):
     Args:
         backbone: a torchvision classification model name (resnet50, resnet18,
             efficientnet_b0, convnext_tiny, ...).
-        pretrained: load torchvision's default ImageNet weights (downloaded
-            once into torch.hub's cache; a clear error without network).
+        pretrained: true: torchvision's default ImageNet weights (downloaded
+            once into torch.hub's cache; a clear error without network); a
+            path: a state_dict file of the torchvision model (e.g. that
+            download, brought to a machine without network); false: random.
         image_size: side of the square input the backbone sees; None keeps the data's size.
         hidden_sizes: widths of the head's Linear+ReLU layers.
         dropout: dropout after each of them.
@@ -105,7 +107,7 @@ class TransferNet(ImageClassifier):
     def __init__(
         self,
         backbone: str = "resnet50",
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         image_size: int | None = 224,
         hidden_sizes: Sequence[int] = (256,),
         dropout: float = 0.0,
@@ -150,21 +152,32 @@ class TransferNet(ImageClassifier):
         self.optimizer_factory = self._build_optimizer
 
     @staticmethod
-    def _build_backbone(name: str, pretrained: bool) -> nn.Module:
+    def _build_backbone(name: str, pretrained: bool | str) -> nn.Module:
         torchvision = import_torchvision()
         available = torchvision.models.list_models(module=torchvision.models)
         if name not in available:
             raise ValueError(
                 f"backbone must be a torchvision classification model ({', '.join(available)}), got {name!r}"
             )
+        if isinstance(pretrained, str):
+            backbone = torchvision.models.get_model(name, weights=None)
+            backbone.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+            return backbone
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
         try:
             return torchvision.models.get_model(name, weights=weights)
         except (URLError, ConnectionError, TimeoutError) as error:
             raise RuntimeError(
                 f"could not download the pretrained weights of {name} from {weights.url} ({error}). "
-                f"Without network, put that file into {torch.hub.get_dir()}/checkpoints/, or set pretrained: false"
+                f"Without network, put that file into {torch.hub.get_dir()}/checkpoints/ or give its path as "
+                "pretrained, or set pretrained: false"
             ) from error
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> TransferNet:
+        # The checkpoint holds every weight: no pretrained weights to fetch first.
+        kwargs.setdefault("pretrained", False)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _set_backbone_frozen(self, frozen: bool) -> None:
         self.backbone_frozen = frozen
