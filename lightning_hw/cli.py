@@ -14,13 +14,17 @@ reports' models and DataModules.
 - `fit` ends with `test` on the best checkpoint and one summary line; `predict`
   writes predictions.csv (all processes' predictions under DDP, in data set
   order) into the run directory. Checkpoints load with weights_only=True.
+- `sweep` (lightning_hw.sweep) and `ensemble` (lightning_hw.ensemble) have
+  parsers of their own; each sweep trial is a `fit` built here.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,8 @@ from lightning_hw.models import ImageClassifier
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Subcommands outside LightningCLI: name -> module whose main(args) runs it.
+OTHER_SUBCOMMANDS = {"sweep": "lightning_hw.sweep", "ensemble": "lightning_hw.ensemble"}
 LOG_NAME = "lightning_logs"
 
 
@@ -183,17 +189,24 @@ def version_text() -> str:
     return f"lightning_hw {lightning_hw.__version__} (torch {torch.__version__}; {kernels} kernels)"
 
 
-def main(args: ArgsType = None) -> LightningHWCLI | None:
-    """Entry point of `python -m lightning_hw`; `args` as on the command line (default: sys.argv[1:])."""
+def main(args: ArgsType = None, cli_class: Callable[..., LightningHWCLI] = LightningHWCLI) -> object:
+    """Entry point of `python -m lightning_hw`; `args` as on the command line (default: sys.argv[1:]).
+
+    Returns the LightningHWCLI (or what `sweep` / `ensemble` return); `cli_class`
+    lets a caller run a subclass of it (the sweep's trials do).
+    """
     from_command_line = args is None
-    args = _with_default_config(list(sys.argv[1:] if from_command_line else args))
+    args = list(sys.argv[1:] if from_command_line else args)
+    if args and args[0] in OTHER_SUBCOMMANDS:
+        return importlib.import_module(OTHER_SUBCOMMANDS[args[0]]).main(args[1:])
+    args = _with_default_config(args)
     if args == ["--version"]:
         print(version_text())
         return None
     if from_command_line:
         # LightningCLI reads sys.argv itself (and warns when given both).
         sys.argv[1:] = args
-    return LightningHWCLI(
+    return cli_class(
         ImageClassifier,
         ImageClassificationDataModule,
         subclass_mode_model=True,

@@ -1,0 +1,188 @@
+"""TransferNet: a torchvision backbone under our head, against the same network on
+torch's convolution; input handling, freezing, offline pretrained weights, and a
+fit of configs/cifar10_transfer.yaml through the CLI. Random weights, offline."""
+
+from __future__ import annotations
+
+import sys
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_lightning import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from fakes import write_cifar10
+from lightning_hw.cli import CONFIG_DIR, main
+from lightning_hw.models import TransferNet
+from lightning_hw.models.transfer import import_torchvision, use_our_ops
+from lightning_hw.nn import Conv2d, LinearReLU
+
+try:
+    import_torchvision()
+    TORCHVISION_ERROR = None
+except ImportError as error:
+    TORCHVISION_ERROR = str(error)
+needs_torchvision = pytest.mark.skipif(TORCHVISION_ERROR is not None, reason=f"{TORCHVISION_ERROR}")
+
+BACKBONE = "resnet18"  # the smallest ResNet: the tests' forward/backward passes stay quick
+
+
+def small_net(**kwargs) -> TransferNet:
+    settings = {"backbone": BACKBONE, "image_size": 40, "num_classes": 5, "input_shape": (3, 32, 32)}
+    return TransferNet(**{**settings, "hidden_sizes": [16], **kwargs})
+
+
+def test_missing_torchvision_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` fail
+    with pytest.raises(ImportError, match="TransferNet needs torchvision"):
+        small_net()
+
+
+def test_use_our_ops_swaps_convolutions_and_linear_relu_pairs_keeping_outputs_and_keys():
+    """A VGG-like stack (the classifier of VGG / AlexNet has Linear, ReLU, Dropout runs)."""
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 8)),
+        torch.nn.Linear(8, 3),
+    ).double()
+    reference = {name: value.clone() for name, value in network.state_dict().items()}
+    images = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    expected = network(images)
+    use_our_ops(network)
+    assert type(network[0]) is Conv2d and type(network[1]) is torch.nn.ReLU  # a ReLU after a conv stays
+    assert type(network[3][0]) is LinearReLU and type(network[3][1]) is torch.nn.Identity
+    assert type(network[3][2]) is torch.nn.Linear and type(network[4]) is torch.nn.Linear  # no ReLU after them
+    assert network.state_dict().keys() == reference.keys()
+    torch.testing.assert_close(network(images), expected)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("input_shape", [(3, 32, 32), (1, 48, 48)])
+def test_forward_resizes_repeats_gray_and_heads_with_linear_relu(input_shape):
+    model = small_net(input_shape=input_shape).eval()
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.randn(3, *input_shape)
+    logits = model(images)
+    assert logits.shape == (3, 5)
+    expected = F.interpolate(images.expand(-1, 3, -1, -1), size=(40, 40), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seen[0], expected)
+    assert isinstance(model.head[0], LinearReLU) and model.head[0].in_features == 512
+    convolutions = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(isinstance(m, Conv2d) for m in convolutions)
+    torch.testing.assert_close(model(images.flatten(1)), logits)  # a flattening data module gives the same
+
+
+@needs_torchvision
+def test_our_convolutions_match_torchs_outputs_and_every_gradient():
+    ours = small_net(our_ops=True).double()
+    reference = small_net(our_ops=False).double()
+    reference.load_state_dict(ours.state_dict())
+    assert not any(isinstance(m, Conv2d) for m in reference.modules())
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    labels = torch.tensor([1, 4])
+    outputs = []
+    for model in (ours, reference):
+        logits = model(images)
+        F.cross_entropy(logits, labels).backward()
+        outputs.append(logits)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    gradients = dict(reference.named_parameters())
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, gradients[name].grad, msg=name)
+
+
+@needs_torchvision
+def test_frozen_backbone_gets_no_gradients_and_stays_out_of_the_optimizer():
+    model = small_net(freeze_backbone=True).train()
+    assert not model.backbone.training and model.head.training  # batch-norm statistics stay put
+    running_mean = model.backbone.bn1.running_mean.clone()
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert torch.equal(model.backbone.bn1.running_mean, running_mean)
+    optimizer = model.configure_optimizers()
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.head.parameters()}
+
+
+@needs_torchvision
+def test_backbone_unfreezes_after_the_given_epochs():
+    model = small_net(freeze_backbone=True, unfreeze_after_epochs=1, image_size=None)
+    start = {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
+    snapshots = []
+
+    class RecordBackbone(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots.append({n: p.detach().clone() for n, p in pl_module.backbone.named_parameters()})
+
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 5), batch_size=4)
+    trainer = Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[RecordBackbone()])  # fmt: skip
+    trainer.fit(model, train_dataloaders=data)
+    assert all(torch.equal(snapshots[0][name], value) for name, value in start.items())  # epoch 0: frozen
+    assert any(not torch.equal(snapshots[1][name], value) for name, value in start.items())  # epoch 1: trained
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
+@needs_torchvision
+def test_pretrained_weights_without_network_are_a_clear_error(monkeypatch, tmp_path):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # no cached weights
+    with pytest.raises(RuntimeError, match="could not download the pretrained weights of resnet18"):
+        small_net(pretrained=True)
+
+
+@needs_torchvision
+def test_pretrained_weights_from_a_file_and_checkpoints_that_need_no_weights(tmp_path):
+    source = import_torchvision().models.get_model(BACKBONE, weights=None)
+    weights_file = tmp_path / "resnet18-weights.pth"
+    torch.save(source.state_dict(), weights_file)
+    model = small_net(pretrained=str(weights_file))
+    torch.testing.assert_close(model.backbone.conv1.weight, source.conv1.weight)
+    torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+    data = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.arange(4)), batch_size=4)
+    trainer = Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, train_dataloaders=data)
+    checkpoint = tmp_path / "transfer.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    weights_file.unlink()  # a checkpoint holds every weight: loading it reads no pretrained file
+    restored = TransferNet.load_from_checkpoint(checkpoint, weights_only=True)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[name], value, msg=name)
+
+
+@needs_torchvision
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"backbone": "resnet_unknown"}, "torchvision classification model"),
+        ({"input_shape": (2, 32, 32)}, "RGB or grayscale"),
+        ({"unfreeze_after_epochs": 2}, "needs freeze_backbone"),
+        ({"hidden_sizes": [0]}, "hidden_sizes must be positive"),
+        ({"dropout": 1.0}, "dropout must lie in"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_net(**kwargs)
+
+
+@needs_torchvision
+def test_transfer_config_fits_through_the_cli(tmp_path, capsys):
+    data_dir = write_cifar10(tmp_path / "data").parent
+    main(["fit", "--config", str(CONFIG_DIR / "cifar10_transfer.yaml"), f"--data.data_dir={data_dir}",
+          "--data.val_size=10", "--data.batch_size=8", f"--model.init_args.backbone={BACKBONE}",
+          "--model.init_args.pretrained=false", "--model.init_args.image_size=32",
+          f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=true",
+          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert "test accuracy: " in capsys.readouterr().out
