@@ -43,6 +43,7 @@ from jsonargparse.typing import NonNegativeInt, Path_fr, PositiveInt
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning import Callback, LightningModule, Trainer
 
+from lightning_hw.callbacks import NonFiniteLossError
 from lightning_hw.cli import LightningHWCLI
 from lightning_hw.cli import main as cli_main
 from lightning_hw.ensemble import write_table
@@ -343,7 +344,12 @@ class TrialCLI(FitOnlyCLI):
 
     def fit(self, model: LightningModule, **kwargs: Any) -> None:
         kwargs.update(weights_only=True)
-        self.trainer.fit(model, **kwargs)
+        self.divergence: str | None = None
+        try:
+            self.trainer.fit(model, **kwargs)
+        except NonFiniteLossError as error:
+            # A diverged trial is a bad trial, not a broken sweep: it is pruned and the sweep goes on.
+            self.divergence = str(error)
 
 
 def run_cli(arguments: list[str], cli_class: Callable[..., LightningHWCLI] = LightningHWCLI) -> LightningHWCLI:
@@ -398,6 +404,9 @@ def run_trial(trial: optuna.Trial, settings: SweepSettings) -> float:
         settings.fit_arguments("fit", values, run_dir),
         cli_class=functools.partial(TrialCLI, trial_callbacks=[pruning]),
     )
+    if cli.divergence is not None:
+        trial.set_user_attr("diverged", cli.divergence)
+        raise optuna.TrialPruned(f"the training loss diverged: {cli.divergence}")
     checkpoint = cli.trainer.checkpoint_callback
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
         raise RuntimeError(

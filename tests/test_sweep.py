@@ -224,3 +224,14 @@ def test_search_parameter_values_and_table_names():
     assert sweep.fit_option(HIDDEN, 1e-7) == f"--{HIDDEN}=1e-07"
     names = [LR, "model.init_args.lr_scheduler.init_args.gamma", "data.init_args.lr", HIDDEN]
     assert list(short_names(names).values()) == ["optimizer.lr", "gamma", "data.lr", "hidden_size"]
+
+
+def test_a_diverging_trial_is_pruned_and_the_sweep_goes_on(tmp_path, data_dir, capsys):
+    # lr 1e12 makes the first step's loss infinite: FiniteLossCheck stops that trial only.
+    space = {HIDDEN: [8], LR: [0.05, 1.0e12]}
+    result = run_sweep(write_sweep(tmp_path / "diverge.yaml", search_space=space), data_dir, "--test_best=false")
+    states = {t.params[LR]: t.state for t in result.study.trials}
+    assert states == {0.05: optuna.trial.TrialState.COMPLETE, 1.0e12: optuna.trial.TrialState.PRUNED}
+    diverged = next(t for t in result.study.trials if t.params[LR] == 1.0e12)
+    assert "learning rate" in diverged.user_attrs["diverged"]
+    assert result.best_checkpoint is not None and result.best_checkpoint.is_file()
