@@ -75,6 +75,20 @@ def test_linear_relu_propagates_nan_and_inf_inputs_like_torch(rows, in_features,
     assert_same_nonfinite_pattern(ops.linear_relu(inputs, weight, bias), reference)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows, in_features, out_features", [(5, 7, 6), (32, 1500, 300), (256, 841, 29)])
+def test_linear_relu_gradients_through_nan_outputs_match_torch(rows, in_features, out_features, dtype):
+    # torch's ReLU backward zeroes the gradient where output <= 0 only, so a NaN output passes it on.
+    inputs = poisoned((rows, in_features), dtype, count=3).requires_grad_()
+    weight = (torch.randn(out_features, in_features, dtype=dtype) / math.sqrt(in_features)).requires_grad_()
+    bias = torch.randn(out_features, dtype=dtype, requires_grad=True)
+    grad_output = torch.randn(rows, out_features, dtype=dtype)
+    ours = torch.autograd.grad(ops.linear_relu(inputs, weight, bias), (inputs, weight, bias), grad_output)
+    reference = torch.autograd.grad(torch.relu(F.linear(inputs, weight, bias)), (inputs, weight, bias), grad_output)
+    for mine, theirs in zip(ours, reference):
+        assert_same_nonfinite_pattern(mine, theirs)
+
+
 # -- the models against the same network built from torch.nn -------------------------------
 
 

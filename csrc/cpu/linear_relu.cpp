@@ -466,7 +466,8 @@ at::Tensor linear_relu_cpu(
   return out.view(linear_relu_output_sizes(input, out_features));
 }
 
-// grad_pre = grad_output * (output > 0), written in place of a fresh buffer, and
+// grad_pre = output <= 0 ? 0 : grad_output (a NaN output passes its gradient,
+// as torch's threshold_backward does), written in place of a fresh buffer, and
 // the bias gradient as its column sums. Columns are split between threads so
 // each sum is owned by one thread and summed in a fixed order (deterministic).
 // The sums of a column block run in a local array (no aliasing with the rows).
@@ -493,7 +494,7 @@ void relu_mask_and_bias_grad(
           // Both loads unconditional, so the select compiles to a vector blend
           // instead of a branch on the data.
           const scalar_t gv = g[c], ov = o[c];
-          const scalar_t masked = ov > scalar_t(0) ? gv : scalar_t(0);
+          const scalar_t masked = ov <= scalar_t(0) ? scalar_t(0) : gv;
           p[c] = masked;
           sums[c] += masked;
         }

@@ -188,7 +188,7 @@ constexpr int kMaskColumns = 32;  // a warp spans 32 consecutive columns of one 
 constexpr int kMaskRowLanes = 8;  // warps per block, each on its own rows
 constexpr int kMaskMinRowsPerSplit = 64;
 
-// grad_pre = grad_output * (output > 0); with partial != nullptr also the
+// grad_pre = output <= 0 ? 0 : grad_output (NaN passes, as in torch); with partial != nullptr also the
 // column sums of grad_pre over this block's rows, one split per blockIdx.y
 // (reduced in a fixed order inside the block).
 template <typename scalar_t>
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kMaskColumns * kMaskRowLanes) relu_mask_kernel
     if (column < cols) {
       for (int64_t r = rows * split / splits + ty; r < rows * (split + 1) / splits; r += kMaskRowLanes) {
         const int64_t i = r * cols + column;
-        const scalar_t g = output[i] > scalar_t(0) ? grad_output[i] : scalar_t(0);
+        const scalar_t g = output[i] <= scalar_t(0) ? scalar_t(0) : grad_output[i];
         grad_pre[i] = g;
         sum += static_cast<acc_t>(g);
       }
