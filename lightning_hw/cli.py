@@ -206,13 +206,20 @@ def main(args: ArgsType = None, cli_class: Callable[..., LightningHWCLI] = Light
     if from_command_line:
         # LightningCLI reads sys.argv itself (and warns when given both).
         sys.argv[1:] = args
-    return cli_class(
-        ImageClassifier,
-        ImageClassificationDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        args=None if from_command_line else args,
-    )
+    distributed_before = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        return cli_class(
+            ImageClassifier,
+            ImageClassificationDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            args=None if from_command_line else args,
+        )
+    finally:
+        # Lightning leaves the process group of a DDP run open; one still alive at interpreter
+        # exit can abort the process ("terminate called without an active exception").
+        if not distributed_before and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
