@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -161,16 +162,25 @@ def default_loggers(root_dir: str | None) -> list:
     return loggers
 
 
+def write_table(rows: list[dict], path: Path) -> Path:
+    """Write rows (dicts with the same keys) as CSV via a temporary file, so `path` is always whole."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+    return path
+
+
 def write_predictions(run_dir: Path, predicted: torch.Tensor, class_names: list[str]) -> Path:
     """Write `index,class_index,class_name` rows for the predicted classes; return the file."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "predictions.csv"
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["index", "class_index", "class_name"])
-        for index, label in enumerate(predicted.tolist()):
-            writer.writerow([index, label, class_names[label]])
-    return path
+    rows = [
+        {"index": index, "class_index": label, "class_name": class_names[label]}
+        for index, label in enumerate(predicted.tolist())
+    ]
+    return write_table(rows, run_dir / "predictions.csv")
 
 
 def _with_default_config(args: list[str]) -> list[str]:

@@ -19,9 +19,7 @@ model class named in a checkpoint must be one lightning_hw already imports.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import Path_fr
 
 import lightning_hw.models  # noqa: F401  (the classes a checkpoint may name)
-from lightning_hw.cli import DEFAULT_CONFIG
+from lightning_hw.cli import DEFAULT_CONFIG, write_table
 from lightning_hw.data import ImageClassificationDataModule
 from lightning_hw.models import ImageClassifier
 
@@ -94,17 +92,6 @@ class EnsembleResult:
     labels: torch.Tensor
     rows: list[dict]
     table_path: Path
-
-
-def write_table(rows: list[dict], path: Path) -> Path:
-    """Write rows (dicts with the same keys) as CSV via a temporary file, so `path` is always whole."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
-    return path
 
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:

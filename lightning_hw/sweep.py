@@ -46,7 +46,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from lightning_hw.callbacks import NonFiniteLossError
 from lightning_hw.cli import LightningHWCLI
 from lightning_hw.cli import main as cli_main
-from lightning_hw.ensemble import write_table
+from lightning_hw.cli import write_table
 
 # Top-level keys of the fit parser: options under them go to every trial.
 FIT_GROUPS = ("trainer", "model", "data", "checkpoint", "plots", "seed_everything")
