@@ -40,7 +40,7 @@ from lightning_hw.callbacks import FiniteLossCheck, NonFiniteLossError, Predicti
 from lightning_hw.data import ImageClassificationDataModule
 from lightning_hw.models import ImageClassifier
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Subcommands outside LightningCLI: name -> module whose main(args) runs it.
