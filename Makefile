@@ -11,7 +11,7 @@ STAMPS := $(VENV)/.stamps
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k conv2d -x"
 PYTEST_ARGS ?=
 
-.PHONY: fit test fuzz bench install clean
+.PHONY: fit test fuzz bench install clean gpu-check
 
 fit: install
 	$(PY) -m lightning_hw fit
@@ -26,6 +26,12 @@ fuzz: install
 bench: install
 	$(PY) benchmarks/bench_ops.py --markdown
 	$(PY) benchmarks/bench_train.py
+
+# Every GPU step of issue 17 in one command, for a bare GPU machine (its own python3; no venv):
+# benchmarks/gpu_check.sh, whose header says how to run it there and how to check it on a CPU
+# (GPU_CHECK_ALLOW_CPU=1 make gpu-check). Output folder: GPU_CHECK_OUT (runs/gpu_check).
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 install: $(STAMPS)/extension
 

@@ -167,6 +167,10 @@ def main(argv=None):
         rows += run(CONV_CASES, conv_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
     if args.only in (None, "linear"):
         rows += run(LINEAR_CASES, linear_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
+    if args.device == "cpu":
+        # Which CPU route linear_relu timed and chose for each shape (csrc/cpu/route_choice.h).
+        for line in sorted(torch.ops.lightning_hw.route_choices()):
+            print("# route: " + line.replace("\t", " "))
     if args.markdown:
         print()
         print("| " + " | ".join(HEADER) + " |")

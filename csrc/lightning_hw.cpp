@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "conv2d_geometry.h"
+#include "cpu/route_choice.h"
 #include "linear_relu_geometry.h"
 
 // `import lightning_hw._C` loads this library, which runs the registrations below.
@@ -79,4 +80,8 @@ TORCH_LIBRARY(lightning_hw, m) {
       &lightning_hw::linear_relu_output_size_op);
 
   m.def("has_cuda_kernels() -> bool", &lightning_hw::has_cuda_kernels_op);
+  // The CPU routes chosen in this process by timing (cpu/route_choice.h), as
+  // "op<TAB>shape<TAB>route" lines, and forgetting them (the file stays).
+  m.def("route_choices() -> str[]", &lightning_hw::cpu::route_choices);
+  m.def("clear_route_choices() -> ()", &lightning_hw::cpu::clear_route_choices);
 }

@@ -4,7 +4,10 @@ reports' models and DataModules.
 - Any `ImageClassifier` subclass is `--model`, any `ImageClassificationDataModule`
   subclass is `--data`; the DataModule's num_classes, input_shape and class
   names are passed to the model.
-- Without `--config`, configs/default.yaml is used: the digits CNN, offline.
+- Configs ship inside the package (lightning_hw/configs; the checkout's
+  configs/ links to it): `--config NAME` takes a shipped one by name
+  (`cifar10_twolayer`, `sweeps/cifar10_twolayer_grid`), and without
+  `--config` the packaged default.yaml is used: the digits CNN, offline.
 - Checkpoints (best by val_acc, and last; `--checkpoint.*`), the plots callback
   (`--plots.*`), CSV logs and TensorBoard logs when tensorboard is installed.
 - FiniteLossCheck is always on: a NaN/infinite training loss ends the run with
@@ -13,7 +16,8 @@ reports' models and DataModules.
   and goes on checkpointing into that run's folder.
 - `fit` ends with `test` on the best checkpoint and one summary line; `predict`
   writes predictions.csv (all processes' predictions under DDP, in data set
-  order) into the run directory. Checkpoints load with weights_only=True.
+  order; with `--data.predict_dir DIR` one row per image file under DIR) into
+  the run directory. Checkpoints load with weights_only=True.
 - `sweep` (lightning_hw.sweep) and `ensemble` (lightning_hw.ensemble) have
   parsers of their own; each sweep trial is a `fit` built here.
 """
@@ -45,6 +49,14 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Subcommands outside LightningCLI: name -> module whose main(args) runs it.
 OTHER_SUBCOMMANDS = {"sweep": "lightning_hw.sweep", "ensemble": "lightning_hw.ensemble"}
+SUBCOMMAND_SUMMARIES = {
+    "fit": "train a model, then test its best checkpoint (no --config: the digits CNN, offline)",
+    "validate": "validation accuracy of a model or checkpoint (--ckpt_path)",
+    "test": "test accuracy of a model or checkpoint (--ckpt_path)",
+    "predict": "classify the test split, or every image under --data.predict_dir, into predictions.csv",
+    "sweep": "hyper-parameter search (Optuna grid or TPE) over a fit config",
+    "ensemble": "accuracy of several checkpoints and of their ensemble (--checkpoints A B ...)",
+}
 LOG_NAME = "lightning_logs"
 
 
@@ -109,8 +121,19 @@ class LightningHWCLI(LightningCLI):
         self.trainer.predict(model, **kwargs)
         run_dir = run_directory(self.trainer)  # on every rank: it broadcasts under DDP
         if self.trainer.is_global_zero and collector.predictions is not None and len(collector.predictions):
-            path = write_predictions(run_dir, collector.predictions, model.class_names)
+            datamodule = kwargs.get("datamodule")
+            folder = datamodule if getattr(datamodule, "predict_dir", None) is not None else None
+            if folder is None:
+                rows = prediction_rows(collector.predictions, model.class_names)
+            else:
+                rows = prediction_rows(
+                    collector.predictions, model.class_names, folder.predict_files, folder.predict_skipped
+                )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path = write_table(rows, run_dir / "predictions.csv")
             print(f"predictions: {len(collector.predictions)} written to {path}")
+            if folder is not None and folder.predict_skipped:
+                print(f"skipped: {len(folder.predict_skipped)} unreadable files, listed in {path}")
 
     def _checkpoint_to_resume(self) -> str:
         """What `--ckpt_path last` means: continue the newest earlier run under the logger's root.
@@ -173,25 +196,94 @@ def write_table(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def write_predictions(run_dir: Path, predicted: torch.Tensor, class_names: list[str]) -> Path:
-    """Write `index,class_index,class_name` rows for the predicted classes; return the file."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def prediction_rows(
+    probabilities: torch.Tensor,
+    class_names: list[str],
+    files: list[str] | None = None,
+    skipped: list[tuple[str, str]] = (),
+) -> list[dict]:
+    """The rows of predictions.csv from the class probabilities (samples, classes).
+
+    Samples of a split: `index, class_index, class_name, prob_<class>...`. Image
+    files (`files`, one per sample, and the `skipped` files with the reason):
+    `path, class_name, prob_<class>..., status`, ordered by path, a skipped file
+    with an empty class and probabilities and `skipped: <reason>` as its status.
+    """
+    predicted = probabilities.argmax(dim=1).tolist()
+    columns = [f"prob_{name}" for name in class_names]
+
+    def probability_cells(row: list[float]) -> dict:
+        return {column: f"{value:.6f}" for column, value in zip(columns, row)}
+
+    if files is None:
+        return [
+            {"index": index, "class_index": label, "class_name": class_names[label], **probability_cells(row)}
+            for index, (label, row) in enumerate(zip(predicted, probabilities.tolist()))
+        ]
     rows = [
-        {"index": index, "class_index": label, "class_name": class_names[label]}
-        for index, label in enumerate(predicted.tolist())
+        {"path": path, "class_name": class_names[label], **probability_cells(row), "status": "predicted"}
+        for path, label, row in zip(files, predicted, probabilities.tolist())
     ]
-    return write_table(rows, run_dir / "predictions.csv")
+    rows += [
+        {"path": path, "class_name": "", **dict.fromkeys(columns, ""), "status": f"skipped: {reason}"}
+        for path, reason in skipped
+    ]
+    return sorted(rows, key=lambda row: row["path"])
 
 
-def _with_default_config(args: list[str]) -> list[str]:
-    """Add `--config configs/default.yaml` to a trainer subcommand given no config."""
-    if not args or args[0] not in TRAINER_SUBCOMMANDS:
-        return args
-    if any(arg == "--config" or arg.startswith("--config=") or arg in ("-h", "--help") for arg in args):
-        return args
+def shipped_configs() -> list[str]:
+    """The names `--config` takes for the configs shipped in the package, e.g. `sweeps/cifar10_twolayer_grid`."""
+    return sorted(path.relative_to(CONFIG_DIR).with_suffix("").as_posix() for path in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config(value: str) -> str:
+    """A `--config` value as a path: a file as given, else a shipped config by name (with or without .yaml)."""
+    if Path(value).is_file() or "\n" in value:  # a file, or inline YAML, which jsonargparse also takes
+        return value
+    for candidate in (CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    # As a parser reports a bad option: the message on stderr, exit status 2.
+    print(f"error: config {value!r} is neither a file nor a shipped config ({', '.join(shipped_configs())})",
+          file=sys.stderr)  # fmt: skip
+    raise SystemExit(2)
+
+
+def _with_config_paths(args: list[str]) -> list[str]:
+    """`args` with each `--config` value resolved (`resolve_config`), and for a trainer subcommand
+    given no config `--config` of the packaged default.yaml."""
+    resolved = list(args)
+    given = False
+    for index, arg in enumerate(resolved):
+        if arg == "--config" and index + 1 < len(resolved):
+            resolved[index + 1] = resolve_config(resolved[index + 1])
+            given = True
+        elif arg.startswith("--config="):
+            resolved[index] = "--config=" + resolve_config(arg.split("=", 1)[1])
+            given = True
+    if not resolved or resolved[0] not in TRAINER_SUBCOMMANDS or given or {"-h", "--help"} & set(resolved):
+        return resolved
     if not DEFAULT_CONFIG.is_file():
         raise SystemExit(f"default config {DEFAULT_CONFIG} not found: pass --config FILE.yaml")
-    return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+    return [resolved[0], "--config", str(DEFAULT_CONFIG), *resolved[1:]]
+
+
+def overview_help() -> str:
+    """`python -m lightning_hw --help`: every subcommand in a line, and the shipped configs."""
+    width = max(map(len, SUBCOMMAND_SUMMARIES))
+    lines = [
+        "usage: python -m lightning_hw SUBCOMMAND [--config FILE.yaml|NAME] [options]",
+        "",
+        "subcommands:",
+        *(f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMAND_SUMMARIES.items()),
+        "",
+        "`python -m lightning_hw SUBCOMMAND --help` lists a subcommand's options;",
+        "`--version` prints the version and whether the CUDA kernels are built.",
+        "",
+        f"shipped configs (--config NAME; files in {CONFIG_DIR}):",
+        *(f"  {name}" for name in shipped_configs()),
+    ]
+    return "\n".join(lines)
 
 
 def version_text() -> str:
@@ -207,12 +299,15 @@ def main(args: ArgsType = None, cli_class: Callable[..., LightningHWCLI] = Light
     """
     from_command_line = args is None
     args = list(sys.argv[1:] if from_command_line else args)
-    if args and args[0] in OTHER_SUBCOMMANDS:
-        return importlib.import_module(OTHER_SUBCOMMANDS[args[0]]).main(args[1:])
-    args = _with_default_config(args)
+    if args in ([], ["-h"], ["--help"]):
+        print(overview_help())
+        return None
     if args == ["--version"]:
         print(version_text())
         return None
+    args = _with_config_paths(args)
+    if args[0] in OTHER_SUBCOMMANDS:
+        return importlib.import_module(OTHER_SUBCOMMANDS[args[0]]).main(args[1:])
     if from_command_line:
         # LightningCLI reads sys.argv itself (and warns when given both).
         sys.argv[1:] = args

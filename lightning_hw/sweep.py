@@ -46,7 +46,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from lightning_hw.callbacks import NonFiniteLossError
 from lightning_hw.cli import LightningHWCLI
 from lightning_hw.cli import main as cli_main
-from lightning_hw.cli import write_table
+from lightning_hw.cli import resolve_config, write_table
 
 # Top-level keys of the fit parser: options under them go to every trial.
 FIT_GROUPS = ("trainer", "model", "data", "checkpoint", "plots", "seed_everything")
@@ -182,7 +182,8 @@ class SweepSettings:
     """What one sweep runs: the options of `python -m lightning_hw sweep` (and the keys of a sweep YAML).
 
     Args:
-        base_config: The fit config every trial starts from (in a YAML: relative to it).
+        base_config: The fit config every trial starts from (in a YAML: relative to it), or a shipped config's
+            name (`cifar10_twolayer`).
         search_space: Dotted fit argument -> a list of values, or a range {low, high, log, step, num}.
         output_dir: Where the trials, trials.csv, best.ckpt and (by default) sweep.db go.
         fit_args: Dotted fit argument -> value, the same for every trial.
@@ -202,7 +203,7 @@ class SweepSettings:
         test_best: Test the best checkpoint at the end.
     """
 
-    base_config: Path_fr
+    base_config: Path_fr | str
     search_space: dict[str, Any]
     output_dir: str
     fit_args: dict[str, Any] = field(default_factory=dict)
@@ -240,7 +241,7 @@ class SweepSettings:
             self.n_trials = self.n_trials or grid_size
         elif self.n_trials is None:
             raise ValueError(f"sampler {self.sampler!r} needs n_trials")
-        self.base_config = Path(getattr(self.base_config, "absolute", self.base_config)).resolve()
+        self.base_config = Path(resolve_config(str(getattr(self.base_config, "absolute", self.base_config)))).resolve()
         self.output_dir = Path(self.output_dir)
         self.storage = self.storage or f"sqlite:///{self.output_dir.resolve() / 'sweep.db'}"
         self.study_name = self.study_name or self.output_dir.resolve().name

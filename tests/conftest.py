@@ -9,6 +9,7 @@ a failure prints the blob that replays it (@reproduce_failure).
 
 import collections
 import os
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -22,6 +23,10 @@ _common = dict(
 settings.register_profile("ci", max_examples=100, **_common)
 settings.register_profile("fuzz", max_examples=5_000, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The CPU route choices (csrc/cpu/route_choice.h) that the tests time go to a folder of this
+# run, not the user's cache; subprocesses inherit it.
+os.environ.setdefault("LIGHTNING_HW_CACHE_DIR", tempfile.mkdtemp(prefix="lightning_hw_routes_"))
 
 _fuzz_cases = collections.Counter()
 

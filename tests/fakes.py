@@ -168,7 +168,40 @@ def write_fer2013_folders(
 
 
 # ---------------------------------------------------------------------------
-# Fruits-360
+# Fruits: Fruits-360's Training/Test layout and the course's Data_train/Data_test
+
+# Each layout's (train folder, test folder).
+FRUITS_LAYOUT_FOLDERS = {"fruits-360": ("Training", "Test"), "course": ("Data_train", "Data_test")}
+
+
+def _fruit_file_stem(layout: str, class_name: str, split_kind: str, index: int) -> str:
+    """The file name (no suffix) of frame `index` of `class_name` in the "train" or "test" split."""
+    if layout == "course":
+        return f"{class_name}_{split_kind}_{index}"  # Carambula_train_12
+    return f"{index}_100"  # Fruits-360: 12_100
+
+
+def fruit_frames(label: int, count: int, size: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` consecutive frames (count, 3, size, size) uint8 of a rotating fake fruit of class `label`.
+
+    The class template (as `class_pattern_images`) plus a bright spot that
+    circles the centre once over the sequence: neighbouring frames are near
+    copies of each other, as in the real data's video frames.
+    """
+    frames = class_pattern_images(np.full(count, label), (3, size, size), num_classes, rng).astype(np.float64)
+    rows, cols = np.mgrid[0:size, 0:size]
+    angles = 2 * np.pi * np.arange(count) / max(count, 1)
+    centre_row = size / 2 + size / 4 * np.sin(angles)
+    centre_col = size / 2 + size / 4 * np.cos(angles)
+    distance_sq = (rows - centre_row[:, None, None]) ** 2 + (cols - centre_col[:, None, None]) ** 2
+    spot = 30 * np.exp(-distance_sq / (2 * (size / 8) ** 2))
+    return np.clip(frames + spot[:, None], 0, 255).astype(np.uint8)
+
+
+def _fruit_image(frame: np.ndarray, mode: str) -> Image.Image:
+    """A PIL image in `mode` from an RGB frame (3, H, W); alpha channels are 255 everywhere (opaque)."""
+    rgb = Image.fromarray(np.ascontiguousarray(frame.transpose(1, 2, 0)))
+    return rgb.convert(mode)
 
 
 def write_fruits(
@@ -178,22 +211,33 @@ def write_fruits(
     n_test: int = 4,
     size: int = 100,
     seed: int = 0,
+    layout: str = "fruits-360",
+    mode: str | None = None,
 ) -> Path:
-    """Write Fruits-360 style `root/Training/<class>/*.jpg` and `root/Test/<class>/*.jpg` (RGB); return root.
+    """Write fake fruit images in one of the two real layouts; return root.
 
-    `n_train` / `n_test` are images per class; the last image of each class
-    folder is a PNG, the others JPEG.
+    layout "fruits-360": `root/Training/<class>/<i>_100.jpg` and `root/Test/<class>/<i>_100.jpg`,
+    RGB, the last image of each class folder a PNG and the others JPEG (Fruits-360's files).
+    layout "course": `root/Data_train/<class>/<class>_train_<i>.png` and
+    `root/Data_test/<class>/<class>_test_<i>.png`, PNG in mode LA with alpha 255 (the course's files).
+    `mode` overrides the image mode (L, LA, RGB, RGBA; JPEG files only take L and RGB).
+    `n_train` / `n_test` are images per class; image i is frame i of a rotating fake fruit
+    (`fruit_frames`), one sequence per class and split.
     """
+    if layout not in FRUITS_LAYOUT_FOLDERS:
+        raise ValueError(f"layout must be one of {list(FRUITS_LAYOUT_FOLDERS)}, got {layout!r}")
+    mode = mode or ("LA" if layout == "course" else "RGB")
     rng = np.random.default_rng(seed)
     root = Path(root)
-    for split, per_class in (("Training", n_train), ("Test", n_test)):
+    train_folder, test_folder = FRUITS_LAYOUT_FOLDERS[layout]
+    for split, split_kind, per_class in ((train_folder, "train", n_train), (test_folder, "test", n_test)):
         for label, name in enumerate(classes):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            images = class_pattern_images(np.full(per_class, label), (3, size, size), len(classes), rng)
-            for index, image in enumerate(images):
-                suffix = "png" if index == per_class - 1 else "jpg"
-                Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(folder / f"{index}_100.{suffix}")
+            for index, frame in enumerate(fruit_frames(label, per_class, size, len(classes), rng)):
+                as_jpeg = layout == "fruits-360" and index != per_class - 1 and mode in ("L", "RGB")
+                suffix = "jpg" if as_jpeg else "png"
+                _fruit_image(frame, mode).save(folder / f"{_fruit_file_stem(layout, name, split_kind, index)}.{suffix}")
     return root
 
 

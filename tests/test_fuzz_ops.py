@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from hypothesis import event, given, strategies as st
 
 import lightning_hw.ops as ops
+from routes import LINEAR_ROUTES, forced_route
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
@@ -476,6 +477,7 @@ class LinearCase:
     out_features: int
     bias: bool
     operands: Operands
+    route: str = "rule"  # the CPU route (tests/routes.py)
 
     @property
     def input_shape(self):
@@ -490,9 +492,10 @@ def linear_cases(draw):
             st.tuples(st.integers(5, 100)),  # rows enough for the tile kernels
         )
     )
-    # Every route of the CPU kernel: tiles (<= 64 outputs, or many rows),
-    # streamed GEMMs (> 64 outputs on at most as many rows), BLAS (a weight
-    # block past L2: > 4096 input features); ragged column blocks; empty sizes.
+    # Every route of the CPU kernel, forced (`route`) or as the built-in rule
+    # picks it: tiles (<= 64 outputs, or many rows), streamed GEMMs (> 64
+    # outputs), BLAS (any; the rule's pick for a weight block past L2: > 4096
+    # input features); ragged column blocks; empty sizes.
     in_features = draw(st.one_of(st.just(0), st.integers(1, 40), st.integers(41, 300), st.integers(4097, 4200)))
     out_features = draw(st.one_of(st.just(0), st.integers(1, 20), st.integers(21, 64), st.integers(65, 140)))
     return LinearCase(
@@ -502,6 +505,7 @@ def linear_cases(draw):
         out_features=out_features,
         bias=draw(st.booleans()),
         operands=draw(operands(len(leading) + 1, 2)),
+        route=draw(st.sampled_from(LINEAR_ROUTES)),
     )
 
 
@@ -524,10 +528,11 @@ def unambiguous_grad(grad, x, w, b):
 def test_linear_relu_matches_torch(fuzz_cases, case: LinearCase):
     count(fuzz_cases, "linear_relu", "valid")
     shapes = (case.input_shape, (case.out_features, case.in_features), (case.out_features,) if case.bias else None)
-    compare_with_torch(
-        ops.linear_relu, lambda x, w, b: torch.relu(F.linear(x, w, b)), shapes, case.dtype, case.operands,
-        adjust_grad=unambiguous_grad,
-    )
+    with forced_route(case.route):
+        compare_with_torch(
+            ops.linear_relu, lambda x, w, b: torch.relu(F.linear(x, w, b)), shapes, case.dtype, case.operands,
+            adjust_grad=unambiguous_grad,
+        )
 
 
 def mutate_linear(draw, case: LinearCase, kind: str):

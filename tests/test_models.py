@@ -151,12 +151,13 @@ def test_bad_model_arguments_raise_clear_errors(build, match):
 # -- Lightning wiring ------------------------------------------------------------
 
 
-def test_predict_step_returns_class_indices():
+def test_predict_step_returns_class_probabilities():
     model = TwoLayerNet(num_classes=4, input_shape=(6,), hidden_size=5, init_std=None)
     images = torch.randn(7, 6)
-    predicted = model.predict_step((images, torch.zeros(7)), 0)
-    assert predicted.dtype == torch.int64
-    torch.testing.assert_close(predicted, model(images).argmax(1))
+    probabilities = model.predict_step((images, torch.zeros(7)), 0)
+    assert probabilities.dtype == torch.float32 and probabilities.shape == (7, 4)
+    torch.testing.assert_close(probabilities, torch.softmax(model(images).double(), 1).float())
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(7))
 
 
 def test_sgd_learning_rate_decays_once_per_epoch(tmp_path):
@@ -208,7 +209,9 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 def test_fruit_cnn_learns_a_separable_task(tmp_path):
     """The report's network reaches over 90% on generated fruit images within a few epochs."""
     pl.seed_everything(0)
-    data = FruitsDataModule(write_fruits(tmp_path / "fruits", n_train=60, n_test=20, size=32), batch_size=16)
+    data = FruitsDataModule(
+        write_fruits(tmp_path / "fruits", n_train=60, n_test=20, size=32), batch_size=16, normalize="per_channel"
+    )
     model = FruitCNN(num_classes=3, input_shape=(1, 32, 32),
                      optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9))  # fmt: skip
     trainer = _trainer(tmp_path, max_epochs=4)

@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightning_hw import ops
+from routes import forced_route
 
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -127,10 +129,13 @@ def test_only_needed_gradients_are_computed():
 
 
 _ISA_CHECK = """
-import torch, torch.nn.functional as F
+import itertools, torch, torch.nn.functional as F
 from lightning_hw import ops
+from routes import LINEAR_ROUTES, forced_route
 torch.manual_seed(0)
-for rows, fin, fout in [(30, 841, 29), (7, 40, 40), (5, 96, 64), (20, 100, 70), (40, 1100, 90), (3, 48, 1030)]:
+shapes = [(30, 841, 29), (7, 40, 40), (5, 96, 64), (20, 100, 70), (40, 1100, 90), (3, 48, 1030), (90, 300, 80)]
+for (rows, fin, fout), route in itertools.product(shapes, LINEAR_ROUTES):
+  with forced_route(route):
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(rows, fin, dtype=dtype, requires_grad=True)
         w = (torch.randn(fout, fin, dtype=dtype) / fin**0.5).requires_grad_()
@@ -145,15 +150,16 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_lesser_instruction_sets(isa):
-    """The tile kernels' and streamed GEMMs' AVX2 and baseline variants (forced by environment)."""
-    env = dict(os.environ, LIGHTNING_HW_CPU_ISA=isa)
+    """The tile kernels' and streamed GEMMs' AVX2 and baseline variants (forced by environment), every route."""
+    env = dict(os.environ, LIGHTNING_HW_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
 
 
-@pytest.mark.parametrize("rows,in_features,out_features", [(300, 841, 29), (40, 1100, 90)])
-def test_results_are_thread_count_independent(rows, in_features, out_features):
+@pytest.mark.parametrize("rows,in_features,out_features", [(300, 841, 29), (40, 1100, 90), (300, 700, 120)])
+@pytest.mark.parametrize("route", ["tiles", "streamed"])
+def test_results_are_thread_count_independent(rows, in_features, out_features, route):
     """Tiles and streamed GEMMs: each output is summed by one thread in a fixed order."""
     x = torch.randn(rows, in_features)
     w = torch.randn(out_features, in_features)
@@ -165,13 +171,14 @@ def test_results_are_thread_count_independent(rows, in_features, out_features):
         return (out,) + tuple(backward(grad, out, x, w, [True, True, True]))
 
     grad = torch.randn(rows, out_features)
-    first = run()
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-    finally:
-        torch.set_num_threads(threads)
+    with forced_route(route):
+        first = run()
+        try:
+            torch.set_num_threads(1)
+            single = run()
+        finally:
+            torch.set_num_threads(threads)
     for a, b in zip(first, single):
         assert torch.equal(a, b)
 

@@ -16,7 +16,7 @@ import yaml
 from fakes import write_cifar10
 from lightning_hw import sweep
 from lightning_hw.callbacks import plots
-from lightning_hw.cli import CONFIG_DIR, main
+from lightning_hw.cli import CONFIG_DIR, main, resolve_config
 from lightning_hw.sweep import SearchParameter, parse_settings, short_names
 
 SWEEP_CONFIGS = sorted((CONFIG_DIR / "sweeps").glob("*.yaml"))
@@ -213,6 +213,13 @@ def test_each_sweep_config_parses_against_its_base_config(config):
     assert settings.base_config.is_file()
     sweep.check_arguments(settings)
     assert settings.n_trials >= 2
+
+
+def test_shipped_configs_are_named_without_a_path(tmp_path):
+    settings = parse_settings(["--config", resolve_config("sweeps/cifar10_twolayer_grid")])
+    assert settings.base_config == (CONFIG_DIR / "cifar10_twolayer.yaml").resolve()
+    by_name = write_sweep(tmp_path / "by_name.yaml", base_config="cifar10_twolayer_first")
+    assert parse_settings(["--config", str(by_name)]).base_config == (CONFIG_DIR / "cifar10_twolayer_first.yaml").resolve()
 
 
 def test_search_parameter_values_and_table_names():

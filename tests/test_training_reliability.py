@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed
+from PIL import Image
 
 from lightning_hw.callbacks import PredictionCollector
 from lightning_hw.callbacks.predictions import gather_rows
@@ -206,23 +208,55 @@ def read_predictions(path: Path) -> list[list[str]]:
         return list(csv.reader(file))
 
 
+def write_image_folder(folder: Path, count: int) -> None:
+    """`count` gray pictures of assorted sizes, and a file that does not decode."""
+    rng = np.random.default_rng()
+    for index in range(count):
+        size = (int(rng.integers(5, 40)), int(rng.integers(5, 40)))
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8), "L").save(folder / f"picture_{index:02d}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+
+
 @needs_gloo
-def test_ddp_predict_writes_every_prediction_once_in_data_set_order(tmp_path, single_process_run):
+@pytest.mark.parametrize("source", ["test_split", "predict_dir"])
+def test_ddp_predict_writes_every_prediction_once_in_data_set_order(tmp_path, single_process_run, source):
     checkpoint = single_process_run / "checkpoints" / "last.ckpt"
     predict_args = ["predict", "--config", str(DEFAULT_CONFIG), f"--ckpt_path={checkpoint}", *QUIET]
+    count = 359  # the digits test split
+    if source == "predict_dir":
+        count = 37  # not a multiple of the two processes' batches
+        (tmp_path / "pictures").mkdir()
+        write_image_folder(tmp_path / "pictures", count)
+        predict_args.append(f"--data.predict_dir={tmp_path / 'pictures'}")
     single_root, ddp_root = tmp_path / "single", tmp_path / "ddp"
     ddp_root.mkdir()
     ddp = start_cli([*predict_args, *DDP, "--data.batch_size=16", f"--trainer.default_root_dir={ddp_root}"],
                     ddp_root / "ddp.log")  # fmt: skip
     run_in_process([*predict_args, f"--trainer.default_root_dir={single_root}"])
     output = finish(ddp, ddp_root / "ddp.log")
-    assert "MEMBER: 2/2" in output and "predictions: 359 written to" in output
+    assert "MEMBER: 2/2" in output and f"predictions: {count} written to" in output
 
     expected = read_predictions(single_root / "lightning_logs" / "version_0" / "predictions.csv")
     rows = read_predictions(ddp_root / "lightning_logs" / "version_0" / "predictions.csv")
-    assert rows[0] == ["index", "class_index", "class_name"]
-    assert [int(row[0]) for row in rows[1:]] == list(range(359))  # the whole test split, each sample once
-    assert rows == expected
+    probabilities = [f"prob_{digit}" for digit in range(10)]
+    if source == "test_split":
+        assert rows[0] == ["index", "class_index", "class_name", *probabilities]
+        assert [int(row[0]) for row in rows[1:]] == list(range(count))  # the whole test split, each sample once
+    else:
+        assert "skipped: 1 unreadable files" in output
+        assert rows[0] == ["path", "class_name", *probabilities, "status"]
+        assert [row[0] for row in rows[1:]] == sorted(["broken.png", *(f"picture_{i:02d}.png" for i in range(count))])
+    assert len(rows) == len(expected) and rows[0] == expected[0]
+    for row, reference in zip(rows[1:], expected[1:]):
+        # Other batches on two processes: the probabilities agree to rounding.
+        assert [cell for cell, name in zip(row, rows[0]) if name not in probabilities] == [
+            cell for cell, name in zip(reference, rows[0]) if name not in probabilities
+        ]
+        if row[-1] != "predicted" and source == "predict_dir":
+            continue
+        values = [float(cell) for cell, name in zip(row, rows[0]) if name in probabilities]
+        reference_values = [float(cell) for cell, name in zip(reference, rows[0]) if name in probabilities]
+        assert values == pytest.approx(reference_values, abs=2e-6)
 
 
 # -- gathering predictions, with the other process emulated -------------------------------------------

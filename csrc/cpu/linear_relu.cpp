@@ -1,20 +1,22 @@
-// Fused Linear+ReLU on CPU, three routes for the GEMMs. Wide layers on at
-// most as many rows as outputs take the streamed GEMMs (the weight read once in
-// its own layout, see use_streamed). Narrow layers (few output features, as a
-// classifier head) and wide ones on many rows run on our register-tile
-// kernels, the GEMMs as 1x1 convolutions with bias and ReLU applied as each
-// tile is stored: BLAS is at its weakest on such thin matrices. The rest use
-// torch's BLAS (at::mm) and fuse bias and ReLU in one pass over its output. In
-// the backward, the ReLU mask and the bias gradient take one pass over
-// grad_output.
+// Fused Linear+ReLU on CPU, three routes for the GEMMs: the streamed GEMMs
+// (the weight read once in its own layout), our register-tile kernels (the
+// GEMMs as 1x1 convolutions, bias and ReLU applied as each tile is stored),
+// and torch's BLAS (at::mm) with bias and ReLU fused into one pass over its
+// output. Which one runs a shape is timed on this machine the first time it
+// is seen (route_choice.h); the built-in rule below (streamed for wide layers
+// on at most as many rows as outputs, tiles for narrow layers and for wide ones
+// on many rows, BLAS for the rest) decides when timing is off. In the backward,
+// the ReLU mask and the bias gradient take one pass over grad_output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
+#include "cpu/route_choice.h"
 #include "cpu/tile_kernels.h"
 #include "cpu/workspace.h"
 #include "linear_relu_geometry.h"
@@ -38,9 +40,13 @@ constexpr int64_t kTileMinRowsBackward = 32;
 constexpr int64_t kTileMaxBlockBytes = int64_t(1) << 19;
 
 template <typename scalar_t>
+bool tiles_can_run(int64_t rows, int64_t reduce) {
+  return rows > 0 && reduce * 2 * cpu::lanes<scalar_t>() * int64_t(sizeof(scalar_t)) <= kTileMaxBlockBytes;
+}
+
+template <typename scalar_t>
 bool use_tiles(int64_t rows, int64_t reduce, int64_t out_features, int64_t min_rows) {
-  return rows > 0 && (out_features <= kTileMaxOutFeatures || rows >= min_rows) &&
-         reduce * 2 * cpu::lanes<scalar_t>() * int64_t(sizeof(scalar_t)) <= kTileMaxBlockBytes;
+  return tiles_can_run<scalar_t>(rows, reduce) && (out_features <= kTileMaxOutFeatures || rows >= min_rows);
 }
 
 // Packs a (reduce x width_total) matrix, element (c, j) at
@@ -199,8 +205,12 @@ constexpr int64_t kRowGrain = 16;
 // which they re-read from cache once per tile of weight rows: past as many
 // rows as outputs the packed tiles win (3072->128 on 1000 rows). Measured in
 // benchmarks/NOTES.md (round 2).
+bool streamed_can_run(int64_t rows, int64_t out_features) {
+  return rows > 0 && out_features > kTileMaxOutFeatures;
+}
+
 bool use_streamed(int64_t rows, int64_t out_features) {
-  return rows > 0 && out_features > kTileMaxOutFeatures && rows <= out_features;
+  return streamed_can_run(rows, out_features) && rows <= out_features;
 }
 
 // Reduction chunks: the forward's chunk of transposed rows (chunk x two
@@ -420,48 +430,77 @@ void bias_relu_inplace(scalar_t* out, const scalar_t* bias, int64_t rows, int64_
   });
 }
 
+// The routes that can run a GEMM of this shape, and the built-in rule's pick.
+cpu::RouteQuery route_query(
+    const char* op, at::ScalarType dtype, int64_t rows, int64_t in_features, int64_t out_features,
+    bool streamed, bool tiles, const char* rule) {
+  cpu::RouteQuery query;
+  query.op = op;
+  query.shape = std::string(c10::toString(dtype)) + " " + std::to_string(rows) + "x" + std::to_string(in_features) +
+                "x" + std::to_string(out_features);
+  if (streamed) query.candidates.push_back("streamed");
+  if (tiles) query.candidates.push_back("tiles");
+  query.candidates.push_back("blas");
+  query.fallback = rule;
+  query.flops = 2.0 * double(rows) * double(in_features) * double(out_features);
+  return query;
+}
+
+// out = relu(x w^T + bias) by `route`; x (rows, in) and w (out, in) contiguous.
+template <typename scalar_t>
+void linear_relu_forward_route(
+    const std::string& route, const at::Tensor& x, const at::Tensor& w, const scalar_t* bias_data, at::Tensor& out) {
+  const int64_t in_features = w.size(1), out_features = w.size(0);
+  if (route == "streamed") {
+    streamed_forward<scalar_t>(
+        x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bias_data, x.size(0), in_features, out_features,
+        out.mutable_data_ptr<scalar_t>());
+  } else if (route == "tiles") {
+    // Columns are output features: packed[c][o] = weight[o][c].
+    at::Tensor keep_alive;
+    scalar_t* packed = cpu::workspace<scalar_t>(
+        cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(in_features, out_features), keep_alive);
+    pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), in_features, out_features, 1, in_features, packed);
+    std::vector<scalar_t> init;
+    if (bias_data != nullptr) {
+      init.resize(packed_size<scalar_t>(1, out_features));
+      pack_columns<scalar_t>(bias_data, 1, out_features, 0, 1, init.data());
+    }
+    tile_gemm<scalar_t>(
+        x.const_data_ptr<scalar_t>(), x.size(0), in_features, packed, bias_data != nullptr ? init.data() : nullptr,
+        out_features, /*relu=*/true, out.mutable_data_ptr<scalar_t>());
+  } else {
+    at::mm_out(out, x, w.t());
+    bias_relu_inplace<scalar_t>(out.data_ptr<scalar_t>(), bias_data, out.size(0), out_features);
+  }
+}
+
 at::Tensor linear_relu_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear_relu_operands(input, weight, bias, kCpuDtypes, "CPU");
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
-  const at::Tensor input_2d = as_rows(input, in_features);
+  const at::Tensor x = as_rows(input, in_features).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const int64_t rows = x.size(0);
   at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor out;
+  at::Tensor out = at::empty({rows, out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
     const scalar_t* bias_data = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
     // The streamed forward sums its reduction chunk by chunk into partial
     // sums that an empty reduction would leave unwritten: no input features
     // go to the tiles or BLAS, whose empty sums are zero.
-    if (in_features > 0 && use_streamed(input_2d.size(0), out_features)) {
-      const at::Tensor x = input_2d.contiguous();
-      const at::Tensor w = weight.contiguous();
-      out = at::empty({x.size(0), out_features}, x.options());
-      streamed_forward<scalar_t>(
-          x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bias_data, x.size(0), in_features,
-          out_features, out.mutable_data_ptr<scalar_t>());
-    } else if (use_tiles<scalar_t>(input_2d.size(0), in_features, out_features, kTileMinRowsForward)) {
-      const at::Tensor x = input_2d.contiguous();
-      const at::Tensor w = weight.contiguous();
-      // Columns are output features: packed[c][o] = weight[o][c].
-      at::Tensor keep_alive;
-      scalar_t* packed = cpu::workspace<scalar_t>(
-          cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(in_features, out_features), keep_alive);
-      pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), in_features, out_features, 1, in_features, packed);
-      std::vector<scalar_t> init;
-      if (bias_data != nullptr) {
-        init.resize(packed_size<scalar_t>(1, out_features));
-        pack_columns<scalar_t>(bias_data, 1, out_features, 0, 1, init.data());
-      }
-      out = at::empty({x.size(0), out_features}, x.options());
-      tile_gemm<scalar_t>(
-          x.const_data_ptr<scalar_t>(), x.size(0), in_features, packed,
-          bias_data != nullptr ? init.data() : nullptr, out_features, /*relu=*/true,
-          out.mutable_data_ptr<scalar_t>());
-    } else {
-      out = at::mm(input_2d, weight.t());
-      bias_relu_inplace<scalar_t>(out.data_ptr<scalar_t>(), bias_data, out.size(0), out_features);
-    }
+    const bool streamed = in_features > 0 && streamed_can_run(rows, out_features);
+    const bool tiles = tiles_can_run<scalar_t>(rows, in_features);
+    const char* rule = streamed && use_streamed(rows, out_features) ? "streamed"
+                       : use_tiles<scalar_t>(rows, in_features, out_features, kTileMinRowsForward) ? "tiles"
+                                                                                                   : "blas";
+    const auto query = route_query(
+        "linear_relu_forward", input.scalar_type(), rows, in_features, out_features, streamed, tiles, rule);
+    const auto run = [&](const std::string& route) {
+      linear_relu_forward_route<scalar_t>(route, x, w, bias_data, out);
+    };
+    run(cpu::choose_route(query, run));
   });
   return out.view(linear_relu_output_sizes(input, out_features));
 }
@@ -504,6 +543,42 @@ void relu_mask_and_bias_grad(
   });
 }
 
+// grad_input (rows, in) = grad_pre w and grad_weight (out, in) = grad_pre^T x
+// by `route`, each only where its pointer is given; w and x contiguous.
+template <typename scalar_t>
+void linear_relu_backward_route(
+    const std::string& route, const scalar_t* gp, const at::Tensor& w, const at::Tensor& x, int64_t rows,
+    scalar_t* grad_input, at::Tensor* grad_weight) {
+  const int64_t in_features = w.size(1), out_features = w.size(0);
+  if (route == "streamed") {
+    if (grad_input != nullptr)
+      streamed_input_grad<scalar_t>(gp, w.const_data_ptr<scalar_t>(), rows, in_features, out_features, grad_input);
+    if (grad_weight != nullptr)
+      streamed_weight_grad<scalar_t>(
+          gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features, grad_weight->mutable_data_ptr<scalar_t>());
+  } else if (route == "tiles") {
+    if (grad_input != nullptr) {
+      // Columns are input features, the reduction runs over output features:
+      // packed[o][i] = weight[o][i].
+      at::Tensor keep_alive;
+      scalar_t* packed = cpu::workspace<scalar_t>(
+          cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(out_features, in_features), keep_alive);
+      pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), out_features, in_features, in_features, 1, packed);
+      tile_gemm<scalar_t>(gp, rows, out_features, packed, nullptr, in_features, /*relu=*/false, grad_input);
+    }
+    if (grad_weight != nullptr)
+      tile_weight_grad<scalar_t>(
+          gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features, grad_weight->mutable_data_ptr<scalar_t>());
+  } else {
+    const at::Tensor grad_pre = at::from_blob(const_cast<scalar_t*>(gp), {rows, out_features}, w.options());
+    if (grad_input != nullptr) {
+      at::Tensor grad_input_2d = at::from_blob(grad_input, {rows, in_features}, w.options());
+      at::mm_out(grad_input_2d, grad_pre, w);
+    }
+    if (grad_weight != nullptr) at::mm_out(*grad_weight, grad_pre.t(), x);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     const at::Tensor& grad_output,
     const at::Tensor& output,
@@ -527,52 +602,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
         grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr,
         rows, out_features);
     const scalar_t* gp = grad_pre.const_data_ptr<scalar_t>();
-    if (use_streamed(rows, out_features)) {
-      const at::Tensor w = weight.contiguous();
-      const at::Tensor x = as_rows(input, in_features).contiguous();
-      if (output_mask[0]) {
-        grad_input = at::empty(input.sizes(), options);
-        streamed_input_grad<scalar_t>(
-            gp, w.const_data_ptr<scalar_t>(), rows, in_features, out_features,
-            grad_input.mutable_data_ptr<scalar_t>());
-      }
-      if (output_mask[1]) {
-        grad_weight = cpu::recycled_empty(weight.sizes(), options);
-        streamed_weight_grad<scalar_t>(
-            gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features,
-            grad_weight.mutable_data_ptr<scalar_t>());
-      }
-      return;
-    }
+    const at::Tensor w = weight.contiguous();
+    const at::Tensor x = as_rows(input, in_features).contiguous();
     // The input gradient's tiles reduce over the output features.
-    if (!use_tiles<scalar_t>(rows, out_features, out_features, kTileMinRowsBackward)) {
-      if (output_mask[0]) grad_input = at::mm(grad_pre, weight).view(input.sizes());
-      if (output_mask[1]) {
-        grad_weight = cpu::recycled_empty(weight.sizes(), options);
-        at::mm_out(grad_weight, grad_pre.t(), as_rows(input, in_features));
-      }
-      return;
-    }
-    if (output_mask[0]) {
-      const at::Tensor w = weight.contiguous();
-      // Columns are input features, the reduction runs over output features:
-      // packed[o][i] = weight[o][i].
-      at::Tensor keep_alive;
-      scalar_t* packed = cpu::workspace<scalar_t>(
-          cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(out_features, in_features), keep_alive);
-      pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), out_features, in_features, in_features, 1, packed);
-      grad_input = at::empty(input.sizes(), options);
-      tile_gemm<scalar_t>(
-          gp, rows, out_features, packed, nullptr, in_features, /*relu=*/false,
-          grad_input.mutable_data_ptr<scalar_t>());
-    }
-    if (output_mask[1]) {
-      const at::Tensor x = as_rows(input, in_features).contiguous();
-      grad_weight = cpu::recycled_empty(weight.sizes(), options);
-      tile_weight_grad<scalar_t>(
-          gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features,
-          grad_weight.mutable_data_ptr<scalar_t>());
-    }
+    const bool streamed = streamed_can_run(rows, out_features);
+    const bool tiles = tiles_can_run<scalar_t>(rows, out_features);
+    const char* rule = streamed && use_streamed(rows, out_features) ? "streamed"
+                       : use_tiles<scalar_t>(rows, out_features, out_features, kTileMinRowsBackward) ? "tiles"
+                                                                                                     : "blas";
+    const std::string masks = std::string(output_mask[0] ? "i" : "") + (output_mask[1] ? "w" : "");
+    const auto query = route_query(
+        ("linear_relu_backward_" + masks).c_str(), input.scalar_type(), rows, in_features, out_features, streamed,
+        tiles, rule);
+    const auto run = [&](const std::string& route) {
+      if (output_mask[0]) grad_input = at::empty(input.sizes(), options);
+      if (output_mask[1]) grad_weight = cpu::recycled_empty(weight.sizes(), options);
+      linear_relu_backward_route<scalar_t>(
+          route, gp, w, x, rows, output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+          output_mask[1] ? &grad_weight : nullptr);
+    };
+    if (output_mask[0] || output_mask[1]) run(cpu::choose_route(query, run));
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -75,6 +75,17 @@ Isa chosen_isa() {
   return chosen;
 }
 
+}  // namespace
+
+const char* cpu_isa_name() {
+  switch (chosen_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+namespace {
 // The variant of a table for the chosen instruction set.
 template <typename Table>
 Table pick(Table (*avx512)(), Table (*avx2)(), Table (*baseline)()) {

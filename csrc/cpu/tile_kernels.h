@@ -84,6 +84,8 @@ template <typename scalar_t>
 const ConvKernels<scalar_t>& kernels();
 template <typename scalar_t>
 const GemmKernels<scalar_t>& gemm_kernels();
+// That variant's name: "avx512", "avx2" or "baseline".
+const char* cpu_isa_name();
 
 // Lanes of the 64-byte vector, the unit of the packed layouts.
 template <typename scalar_t>

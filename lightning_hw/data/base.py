@@ -5,6 +5,9 @@ common DataModule base class with its dataloaders and class-count reports."""
 from __future__ import annotations
 
 import math
+import os
+import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,11 +15,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from pytorch_lightning.utilities import rank_zero_warn
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 NORMALIZE_MODES = ("none", "mean_image", "per_channel")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The image files read from folders (training splits and prediction).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class DataFormatError(ValueError):
@@ -210,6 +215,11 @@ class BatchPreprocessor:
         return x.contiguous()
 
 
+def normalization_shape(mode: str, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the mean (and std) that `normalization_stats` gives for images of `input_shape` (C, H, W)."""
+    return tuple(input_shape) if mode == "mean_image" else (input_shape[0], 1, 1)
+
+
 def normalization_stats(
     images: torch.Tensor, pixel_scale: float, mode: str
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -283,18 +293,46 @@ class InMemoryImageDataset(Dataset):
 # Image folders
 
 
-def load_grayscale_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Read an image file as uint8 grayscale (H, W), resized to `size` (height, width) if needed."""
+def load_image(path: Path, size: tuple[int, int], channels: int = 1) -> np.ndarray:
+    """Read an image file as uint8 (channels, H, W), resized to `size` (height, width) if needed.
+
+    One channel is gray, three are RGB. Any mode Pillow reads is converted:
+    palette, 16-bit gray (scaled to 8 bits), CMYK; an alpha channel is
+    composited onto white. A JPEG's EXIF orientation is applied and an
+    animated image gives its first frame. Whatever stops the file from
+    decoding is a DataFormatError that names it.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    height, width = size
     try:
-        with Image.open(path) as image:
-            gray = image.convert("L")
-            if gray.size != (size[1], size[0]):
-                gray = gray.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(gray, dtype=np.uint8)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        raise DataFormatError(
-            f"cannot read image {path}: {error}. Replace or delete the file."
-        ) from error
+        with Image.open(path) as opened:
+            # A JPEG decodes at a reduced scale that still covers the target size (either orientation).
+            opened.draft(mode, (max(size), max(size)))
+            image = ImageOps.exif_transpose(opened)
+            image = _to_mode(image, mode)
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except Exception as error:  # any decoder failure means the same: this file cannot be used
+        raise DataFormatError(f"cannot read image {path}: {error}. Replace or delete the file.") from error
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in mode L or RGB: 16-bit and 32-bit gray scaled to 8 bits, alpha composited onto white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 255.0 if image.mode == "F" else 65535.0
+        image = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image if image.mode == mode else image.convert(mode)
 
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -329,12 +367,21 @@ def find_child_dir(parent: Path, name: str) -> Path | None:
 def read_class_folders(
     split_dir: Path, class_names: Sequence[str], size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read `split_dir/<class>/*.jpg|jpeg|png` as grayscale images (N, 1, H, W) uint8 and labels.
+    """Read the image files (IMAGE_EXTENSIONS) of `split_dir/<class>/` as grayscale images (N, 1, H, W)
+    uint8 and labels.
 
     Label i is `class_names[i]`; folder names match case-insensitively and
     folders for other classes are ignored. Every listed class needs a
-    non-empty folder.
+    non-empty folder. Within a class, files come in natural order of their
+    names (`x_9.png` before `x_10.png`), so numbered video frames stay in
+    frame order.
     """
+    def natural_key(path: Path) -> tuple:
+        # Digit runs compare as numbers; re.split with a group alternates text and digits,
+        # so equal positions always hold the same type. The name breaks remaining ties.
+        parts = re.split(r"(\d+)", path.name.lower())
+        return tuple(int(part) if index % 2 else part for index, part in enumerate(parts)), path.name
+
     images: list[np.ndarray] = []
     labels: list[int] = []
     for label, class_name in enumerate(class_names):
@@ -345,18 +392,66 @@ def read_class_folders(
                 f"({', '.join(class_names)}) needs a folder of images in {split_dir}"
             )
         files = sorted(
-            p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            (p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+            key=natural_key,
         )
         if not files:
             raise DataNotFoundError(
-                f"class folder {class_dir} holds no images (*.jpg, *.jpeg, *.png); "
+                f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                 "put the class's images there"
             )
         for path in files:
-            images.append(load_grayscale_image(path, size))
+            images.append(load_image(path, size, channels=1)[0])
             labels.append(label)
     stacked = torch.from_numpy(np.stack(images)).unsqueeze(1)
     return stacked, torch.tensor(labels, dtype=torch.int64)
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Files under `folder` (all depths) whose suffix names an image format, sorted by relative
+    path; hidden files and folders (a leading dot) are left out, and links to folders are not
+    followed (no cycles)."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / name for name in files if not name.startswith(".")
+                  and Path(name).suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
+    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+
+
+def read_image_folder(
+    folder: Path, size: tuple[int, int], channels: int
+) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+    """Every image file under `folder` as uint8 (N, channels, H, W), for prediction.
+
+    Returns (images, their paths relative to `folder`, skipped files as (relative
+    path, reason)). A file that is not a regular file or does not decode is skipped
+    with a warning naming it; the others are still read. A missing folder, or one
+    with no image files, is a DataNotFoundError.
+    """
+    if not folder.is_dir():
+        raise DataNotFoundError(f"predict_dir {folder} is not a folder: give a folder of images to classify")
+    files = list_image_files(folder)
+    if not files:
+        raise DataNotFoundError(
+            f"predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
+            "in it or in its subfolders"
+        )
+    images, names, skipped = [], [], []
+    for path in files:
+        name = path.relative_to(folder).as_posix()
+        try:
+            # Opening a FIFO or a device would block or never end: only regular files (links to them too).
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise DataFormatError(f"{path} is not a regular file")
+            images.append(load_image(path, size, channels))
+            names.append(name)
+        except (DataFormatError, OSError) as error:
+            skipped.append((name, str(error)))
+            rank_zero_warn(f"skipped {name}: {error}")
+    if not images:
+        raise DataFormatError(f"none of the {len(files)} image files under {folder} could be read (see the warnings)")
+    return torch.from_numpy(np.stack(images)), names, skipped
 
 
 # ---------------------------------------------------------------------------
@@ -371,11 +466,20 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     and `_load_test_split`. This class computes normalisation statistics on
     the train split and builds the dataloaders, the class weights and the
     class-distribution table.
+
+    Prediction reads the test split, or with `predict_dir` every image file
+    under that folder (`read_image_folder`), converted to the data set's
+    channels (gray or RGB) and size and normalised with the train split's
+    statistics. Those statistics are this DataModule's `state_dict`, which
+    Lightning keeps in every checkpoint, so predicting from a checkpoint needs
+    no training data.
     """
 
     num_classes: int
     class_names: list[str]
     input_shape: tuple[int, ...]
+    # A stored image's (C, H, W), where input_shape is something else (flattened samples).
+    image_shape: tuple[int, int, int] | None = None
     pixel_scale: float = 1.0 / 255.0
 
     def __init__(
@@ -391,6 +495,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         flatten: bool = False,
         augment: TensorAugment | None = None,
         balanced_sampler: bool = False,
+        predict_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZE_MODES:
@@ -408,10 +513,17 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.flatten = flatten
         self.train_augment = augment
         self.balanced_sampler = balanced_sampler
+        self.predict_dir = None if predict_dir is None else Path(predict_dir)
         self.train_dataset: InMemoryImageDataset | None = None
         self.val_dataset: InMemoryImageDataset | None = None
         self.test_dataset: InMemoryImageDataset | None = None
         self._preprocessor: BatchPreprocessor | None = None
+        # From a checkpoint (load_state_dict): the train split's (mean, std).
+        self._restored_statistics: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+        # predict_dir's readable images, their paths relative to it, and the skipped files with the reason.
+        self._predict_images: torch.Tensor | None = None
+        self.predict_files: list[str] = []
+        self.predict_skipped: list[tuple[str, str]] = []
 
     # -- to implement -------------------------------------------------------
 
@@ -432,10 +544,25 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         train_index, val_index = seeded_split(len(labels), [self.val_size], self.seed)
         return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
 
+    def prepare_files(self) -> None:
+        """Download or check the data set's files (`prepare_data` calls this); nothing by default."""
+
     # -- Lightning hooks ----------------------------------------------------
 
+    def prepare_data(self) -> None:
+        """`prepare_files`, except when predicting `predict_dir`, which needs no data set files."""
+        if self.predict_dir is not None and self.trainer is not None and self.trainer.state.fn == "predict":
+            return
+        self.prepare_files()
+
     def setup(self, stage: str | None = None) -> None:
-        """Load the splits `stage` needs (all for None); splits already loaded are kept."""
+        """Load the splits `stage` needs (all for None); splits already loaded are kept.
+
+        Predicting with `predict_dir` reads that folder and no split.
+        """
+        if stage == "predict" and self.predict_dir is not None:
+            self._setup_predict_folder()
+            return
         needs_fit = stage in (None, "fit", "validate")
         needs_test = stage in (None, "test", "predict")
         # Test-time normalisation uses statistics of the train split.
@@ -462,6 +589,60 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if self._preprocessor is None:
             self._preprocessor = BatchPreprocessor(self.pixel_scale, flatten=self.flatten)
         self.test_dataset = InMemoryImageDataset(test_images, test_labels, self._preprocessor)
+
+    def _setup_predict_folder(self) -> None:
+        if self._predict_images is not None:
+            return
+        channels, height, width = self.image_shape or self.input_shape
+        self._predict_images, self.predict_files, self.predict_skipped = read_image_folder(
+            self.predict_dir, (height, width), channels
+        )
+
+    def _predict_folder_dataset(self) -> InMemoryImageDataset:
+        """predict_dir's images, preprocessed as the train split (built after a checkpoint is restored)."""
+        assert self._predict_images is not None
+        if self.normalize == "none":
+            mean = std = None
+        elif self._restored_statistics is not None:
+            mean, std = self._restored_statistics
+        elif self._preprocessor is not None:
+            mean, std = self._preprocessor.mean, self._preprocessor.std
+        else:
+            raise RuntimeError(
+                f"predicting images with normalize={self.normalize!r} needs the train split's statistics, and "
+                "none were loaded: pass the checkpoint of a fit (--ckpt_path), whose DataModule state carries them"
+            )
+        # Image files hold 0..255, whatever range the data set's own files store.
+        preprocessor = BatchPreprocessor(1.0 / 255.0, mean, std, self.flatten)
+        unlabelled = torch.full((len(self._predict_images),), -1, dtype=torch.int64)
+        return InMemoryImageDataset(self._predict_images, unlabelled, preprocessor)
+
+    # -- checkpoint state ---------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The train split's normalisation statistics (what prediction needs), once computed."""
+        if self.normalize == "none" or self._preprocessor is None or self._preprocessor.mean is None:
+            return {}
+        return {"normalize": self.normalize, "mean": self._preprocessor.mean, "std": self._preprocessor.std}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        if state_dict.get("normalize") != self.normalize:
+            raise ValueError(
+                f"the checkpoint's data were normalised with normalize={state_dict.get('normalize')!r}, this "
+                f"DataModule uses {self.normalize!r}: use the run's own config.yaml"
+            )
+        image_shape = self.image_shape or self.input_shape
+        expected = normalization_shape(self.normalize, image_shape)
+        mean, std = state_dict.get("mean"), state_dict.get("std")
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != expected):
+                raise ValueError(
+                    f"the checkpoint's normalisation {name} has shape {getattr(value, 'shape', type(value))}, "
+                    f"expected {expected} for images {tuple(image_shape)}: use the run's own config.yaml"
+                )
+        self._restored_statistics = (mean, std)
 
     def _loader(self, dataset: InMemoryImageDataset | None, name: str, train: bool = False) -> DataLoader:
         if dataset is None:
@@ -495,6 +676,10 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return self._loader(self.test_dataset, "test")
 
     def predict_dataloader(self) -> DataLoader:
+        if self.predict_dir is not None:
+            if self._predict_images is None:
+                raise RuntimeError("predict_dir is not read: call setup('predict') first")
+            return self._loader(self._predict_folder_dataset(), "predict")
         return self._loader(self.test_dataset, "test")
 
     # -- class balance ------------------------------------------------------

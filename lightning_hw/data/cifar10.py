@@ -241,6 +241,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         self.download_timeout = download_timeout
         self.num_classes = 10
         self.class_names = list(CIFAR10_CLASS_NAMES)
+        self.image_shape = CIFAR10_IMAGE_SHAPE
         self.input_shape = (3 * 32 * 32,) if flatten else CIFAR10_IMAGE_SHAPE
 
     @property
@@ -258,7 +259,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
             f"{self.batches_dir}/data_batch_1 exists."
         )
 
-    def prepare_data(self) -> None:
+    def prepare_files(self) -> None:
         """Download, check and unpack the official archive if the batch folder is incomplete."""
         if not self._missing_files():
             return

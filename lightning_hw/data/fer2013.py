@@ -158,7 +158,7 @@ class FER2013DataModule(ImageClassificationDataModule):
         hint = FER2013_SOURCE_HINT.format(csv_path=self.csv_path, data_dir=self.data_dir)
         return DataNotFoundError(f"{detail}. {hint}{unpack_hint(self.data_dir)}")
 
-    def prepare_data(self) -> None:
+    def prepare_files(self) -> None:
         """Check that the data set is present (it cannot be downloaded automatically)."""
         if not self.csv_path.is_file() and find_child_dir(self.data_dir, "train") is None:
             raise self._missing_data_error(f"FER2013 not found: neither {self.csv_path} nor {self.data_dir / 'train'} exists")

@@ -27,7 +27,7 @@ class ImageClassifier(pl.LightningModule):
     (`val_acc_class/<name>`, `test_acc_class/<name>`). After each val/test
     epoch the confusion matrix (rows: true class, columns: predicted) is in
     `confusion_matrices[stage]` for the plots callback. `predict_step` returns
-    class indices.
+    class probabilities (softmax of the logits, float32, (N, num_classes)).
 
     Args:
         num_classes: number of classes (linked from the DataModule by the CLI).
@@ -122,7 +122,7 @@ class ImageClassifier(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).argmax(dim=1)
+        return torch.softmax(self(images).float(), dim=1)
 
     def _eval_epoch_end(self, stage: str) -> None:
         per_class = self.eval_class_accuracy[stage].compute()

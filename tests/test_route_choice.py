@@ -1,0 +1,117 @@
+"""linear_relu's CPU route chosen by timing (csrc/cpu/route_choice.h): timed once per shape,
+kept in memory and in a file that a new process reads instead of timing again; off with
+LIGHTNING_HW_AUTOTUNE=0, under deterministic algorithms and for tiny problems; forced with
+LIGHTNING_HW_ROUTE. Every route's results are checked in test_fuzz_ops.py and
+test_ops_linear_relu.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_hw import ops  # noqa: F401  (loads the extension)
+
+ROUTES = {"streamed", "tiles", "blas"}
+SHAPE = (64, 400, 100)  # rows, in, out: every route can run it; 5.1 MFLOP, enough to be timed
+FORWARD = "linear_relu_forward"
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_HW_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LIGHTNING_HW_ROUTE", raising=False)
+    monkeypatch.delenv("LIGHTNING_HW_AUTOTUNE", raising=False)
+    torch.ops.lightning_hw.clear_route_choices()
+    yield tmp_path
+    torch.ops.lightning_hw.clear_route_choices()
+
+
+def choices() -> dict[tuple[str, str], str]:
+    return {tuple(line.split("\t")[:2]): line.split("\t")[2] for line in torch.ops.lightning_hw.route_choices()}
+
+
+def file_lines(folder: Path) -> list[list[str]]:
+    return [line.split("\t") for file in folder.glob("routes-*.tsv") for line in file.read_text().splitlines()
+            if not line.startswith("#")]  # fmt: skip
+
+
+def run_layer(rows: int, in_features: int, out_features: int, dtype=torch.float32) -> None:
+    x = torch.randn(rows, in_features, dtype=dtype, requires_grad=True)
+    w = torch.randn(out_features, in_features, dtype=dtype, requires_grad=True)
+    b = torch.randn(out_features, dtype=dtype, requires_grad=True)
+    out = ops.linear_relu(x, w, b)
+    out.backward(torch.randn_like(out))
+    reference = torch.relu(F.linear(x.detach(), w.detach(), b.detach()))
+    torch.testing.assert_close(out.detach(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_shape_is_timed_once_and_kept_in_a_file(cache_dir):
+    run_layer(*SHAPE)
+    shape = f"Float {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}"
+    known = choices()
+    assert known[(FORWARD, shape)] in ROUTES and known[("linear_relu_backward_iw", shape)] in ROUTES
+    lines = file_lines(cache_dir)
+    assert {(op, s) for op, s, *_ in lines} == set(known)
+    forward = next(line for line in lines if line[0] == FORWARD)
+    assert forward[2] == known[(FORWARD, shape)]
+    assert {part.split("=")[0] for part in forward[3].split()} == ROUTES  # every candidate was timed
+    header = next(cache_dir.glob("routes-*.tsv")).read_text().splitlines()[0]
+    assert header.startswith("# lightning_hw route choices for ") and "torch " in header
+
+    run_layer(*SHAPE)  # known: not timed again
+    assert file_lines(cache_dir) == lines
+    # A new process reads the file instead of timing again.
+    script = f"import torch, test_route_choice as t; t.run_layer{SHAPE}; print(len(torch.ops.lightning_hw.route_choices()))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert file_lines(cache_dir) == lines and int(result.stdout.split()[-1]) == len(lines)
+
+
+def test_the_file_decides_and_bad_lines_are_ignored(cache_dir):
+    shape = f"Float {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}"
+    torch.ops.lightning_hw.clear_route_choices()
+    run_layer(*SHAPE)  # names the file (its name depends on this machine)
+    (file,) = cache_dir.glob("routes-*.tsv")
+    file.write_text(f"garbage line\n{FORWARD}\t{shape}\tno-such-route\t\n{FORWARD}\t{shape}\ttiles\thand-written\n"
+                    f"linear_relu_backward_iw\t{shape}\tblas\n")  # fmt: skip
+    torch.ops.lightning_hw.clear_route_choices()
+    run_layer(*SHAPE)
+    assert choices()[(FORWARD, shape)] == "tiles"  # the later, valid line wins
+    assert choices()[("linear_relu_backward_iw", shape)] == "blas"
+
+
+@pytest.mark.parametrize("how", ["autotune off", "deterministic", "tiny problem", "forced"])
+def test_no_timing(cache_dir, monkeypatch, how):
+    shape = SHAPE
+    if how == "autotune off":
+        monkeypatch.setenv("LIGHTNING_HW_AUTOTUNE", "0")
+    elif how == "forced":
+        monkeypatch.setenv("LIGHTNING_HW_ROUTE", "streamed")
+    elif how == "tiny problem":
+        shape = (4, 30, 70)
+    if how == "deterministic":
+        torch.use_deterministic_algorithms(True)
+    try:
+        run_layer(*shape)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert choices() == {} and file_lines(cache_dir) == []
+
+
+def test_an_unwritable_cache_folder_keeps_choices_in_memory(cache_dir, monkeypatch):
+    blocker = cache_dir / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LIGHTNING_HW_CACHE_DIR", str(blocker / "routes"))  # a folder under a file cannot exist
+    run_layer(*SHAPE)
+    assert len(choices()) == 2
+    monkeypatch.setenv("LIGHTNING_HW_CACHE_DIR", "")  # empty: memory only
+    torch.ops.lightning_hw.clear_route_choices()
+    run_layer(*SHAPE)
+    assert len(choices()) == 2 and not list(cache_dir.rglob("routes-*.tsv"))
