@@ -86,7 +86,9 @@ def model_input(image: Image.Image, mean: torch.Tensor) -> torch.Tensor:
     rgb = image.convert("RGB")
     if rgb.size != (32, 32):
         rgb = rgb.resize((32, 32), Image.Resampling.BILINEAR)
-    return (torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean).reshape(-1)
+    # Scaled as the pipeline scales (times 1/255, not divided by 255): the last bit differs otherwise.
+    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32)
+    return (pixels * (1.0 / 255.0) - mean).reshape(-1)
 
 
 def test_predict_dir_classifies_every_image_as_trained(cifar_run, tmp_path):
