@@ -149,10 +149,11 @@ class TensorAugment:
         return images
 
 
-def random_crop_with_padding(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Pad each image with zeros and cut a random window of the original size."""
+def random_crop_with_padding(images: torch.Tensor, padding: int, mode: str = "constant") -> torch.Tensor:
+    """Pad each image (zeros; or F.pad's `mode`, e.g. "replicate": its own edge pixels) and cut a
+    random window of the original size, i.e. shift it by up to `padding` pixels each way."""
     n, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
+    padded = F.pad(images, (padding, padding, padding, padding), mode=mode)
     top = torch.randint(0, 2 * padding + 1, (n,))
     left = torch.randint(0, 2 * padding + 1, (n,))
     rows = (top[:, None] + torch.arange(h))[:, None, :, None]

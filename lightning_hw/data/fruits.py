@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lightning_hw.data.base import (
     DataNotFoundError,
     ImageClassificationDataModule,
     TensorAugment,
     find_child_dir,
+    random_crop_with_padding,
     read_class_folders,
     resolve_split_size,
     unpack_hint,
@@ -98,18 +98,6 @@ def frame_block_split(
     return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 
 
-def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """Move each image by up to `max_shift` pixels in each direction, filling in with its own edge
-    pixels (the photos' white background), not with black."""
-    n, _, height, width = images.shape
-    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
-    top = torch.randint(0, 2 * max_shift + 1, (n,))
-    left = torch.randint(0, 2 * max_shift + 1, (n,))
-    rows = (top[:, None] + torch.arange(height))[:, None, :, None]
-    cols = (left[:, None] + torch.arange(width))[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(images.shape[1])[None, :, None, None], rows, cols]
-
-
 class FruitAugment(TensorAugment):
     """TensorAugment's flips and rotation, plus a vertical flip and shifts that keep a white border.
 
@@ -129,7 +117,8 @@ class FruitAugment(TensorAugment):
             flip = torch.rand(images.shape[0]) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-2), images)
         if self.max_shift > 0:
-            images = random_shift(images, self.max_shift)
+            # The edge pixels fill in (the photos' white background), not black.
+            images = random_crop_with_padding(images, self.max_shift, mode="replicate")
         return images
 
 
