@@ -431,17 +431,25 @@ void bias_relu_inplace(scalar_t* out, const scalar_t* bias, int64_t rows, int64_
 }
 
 // The routes that can run a GEMM of this shape, and the built-in rule's pick.
+// The tiles reduce over `tile_reduce` features and the rule gives them shapes
+// of at least `tile_min_rows` rows (or few outputs); `streamed_ok` is false
+// where the streamed route cannot run whatever the shape.
+template <typename scalar_t>
 cpu::RouteQuery route_query(
-    const char* op, at::ScalarType dtype, int64_t rows, int64_t in_features, int64_t out_features,
-    bool streamed, bool tiles, const char* rule) {
+    const std::string& op, int64_t rows, int64_t in_features, int64_t out_features, int64_t tile_reduce,
+    int64_t tile_min_rows, bool streamed_ok) {
+  const bool streamed = streamed_ok && streamed_can_run(rows, out_features);
+  const bool tiles = tiles_can_run<scalar_t>(rows, tile_reduce);
   cpu::RouteQuery query;
   query.op = op;
-  query.shape = std::string(c10::toString(dtype)) + " " + std::to_string(rows) + "x" + std::to_string(in_features) +
-                "x" + std::to_string(out_features);
+  query.shape = std::string(c10::toString(c10::CppTypeToScalarType<scalar_t>::value)) + " " + std::to_string(rows) +
+                "x" + std::to_string(in_features) + "x" + std::to_string(out_features);
   if (streamed) query.candidates.push_back("streamed");
   if (tiles) query.candidates.push_back("tiles");
   query.candidates.push_back("blas");
-  query.fallback = rule;
+  query.fallback = streamed && use_streamed(rows, out_features)                                ? "streamed"
+                   : use_tiles<scalar_t>(rows, tile_reduce, out_features, tile_min_rows) ? "tiles"
+                                                                                             : "blas";
   query.flops = 2.0 * double(rows) * double(in_features) * double(out_features);
   return query;
 }
@@ -490,13 +498,8 @@ at::Tensor linear_relu_cpu(
     // The streamed forward sums its reduction chunk by chunk into partial
     // sums that an empty reduction would leave unwritten: no input features
     // go to the tiles or BLAS, whose empty sums are zero.
-    const bool streamed = in_features > 0 && streamed_can_run(rows, out_features);
-    const bool tiles = tiles_can_run<scalar_t>(rows, in_features);
-    const char* rule = streamed && use_streamed(rows, out_features) ? "streamed"
-                       : use_tiles<scalar_t>(rows, in_features, out_features, kTileMinRowsForward) ? "tiles"
-                                                                                                   : "blas";
-    const auto query = route_query(
-        "linear_relu_forward", input.scalar_type(), rows, in_features, out_features, streamed, tiles, rule);
+    const auto query = route_query<scalar_t>(
+        "linear_relu_forward", rows, in_features, out_features, in_features, kTileMinRowsForward, in_features > 0);
     const auto run = [&](const std::string& route) {
       linear_relu_forward_route<scalar_t>(route, x, w, bias_data, out);
     };
@@ -544,15 +547,18 @@ void relu_mask_and_bias_grad(
 }
 
 // grad_input (rows, in) = grad_pre w and grad_weight (out, in) = grad_pre^T x
-// by `route`, each only where its pointer is given; w and x contiguous.
+// by `route`, each only where it is given (allocated, contiguous); grad_pre
+// (rows, out), w and x contiguous.
 template <typename scalar_t>
 void linear_relu_backward_route(
-    const std::string& route, const scalar_t* gp, const at::Tensor& w, const at::Tensor& x, int64_t rows,
-    scalar_t* grad_input, at::Tensor* grad_weight) {
-  const int64_t in_features = w.size(1), out_features = w.size(0);
+    const std::string& route, const at::Tensor& grad_pre, const at::Tensor& w, const at::Tensor& x,
+    at::Tensor* grad_input, at::Tensor* grad_weight) {
+  const int64_t rows = grad_pre.size(0), in_features = w.size(1), out_features = w.size(0);
+  const scalar_t* gp = grad_pre.const_data_ptr<scalar_t>();
   if (route == "streamed") {
     if (grad_input != nullptr)
-      streamed_input_grad<scalar_t>(gp, w.const_data_ptr<scalar_t>(), rows, in_features, out_features, grad_input);
+      streamed_input_grad<scalar_t>(
+          gp, w.const_data_ptr<scalar_t>(), rows, in_features, out_features, grad_input->mutable_data_ptr<scalar_t>());
     if (grad_weight != nullptr)
       streamed_weight_grad<scalar_t>(
           gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features, grad_weight->mutable_data_ptr<scalar_t>());
@@ -564,15 +570,15 @@ void linear_relu_backward_route(
       scalar_t* packed = cpu::workspace<scalar_t>(
           cpu::workspace_slots::kPackedSlot, packed_size<scalar_t>(out_features, in_features), keep_alive);
       pack_columns<scalar_t>(w.const_data_ptr<scalar_t>(), out_features, in_features, in_features, 1, packed);
-      tile_gemm<scalar_t>(gp, rows, out_features, packed, nullptr, in_features, /*relu=*/false, grad_input);
+      tile_gemm<scalar_t>(
+          gp, rows, out_features, packed, nullptr, in_features, /*relu=*/false, grad_input->mutable_data_ptr<scalar_t>());
     }
     if (grad_weight != nullptr)
       tile_weight_grad<scalar_t>(
           gp, x.const_data_ptr<scalar_t>(), rows, in_features, out_features, grad_weight->mutable_data_ptr<scalar_t>());
   } else {
-    const at::Tensor grad_pre = at::from_blob(const_cast<scalar_t*>(gp), {rows, out_features}, w.options());
     if (grad_input != nullptr) {
-      at::Tensor grad_input_2d = at::from_blob(grad_input, {rows, in_features}, w.options());
+      at::Tensor grad_input_2d = grad_input->view({rows, in_features});
       at::mm_out(grad_input_2d, grad_pre, w);
     }
     if (grad_weight != nullptr) at::mm_out(*grad_weight, grad_pre.t(), x);
@@ -601,25 +607,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
         grad_2d.const_data_ptr<scalar_t>(), out_2d.const_data_ptr<scalar_t>(),
         grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr,
         rows, out_features);
-    const scalar_t* gp = grad_pre.const_data_ptr<scalar_t>();
     const at::Tensor w = weight.contiguous();
     const at::Tensor x = as_rows(input, in_features).contiguous();
     // The input gradient's tiles reduce over the output features.
-    const bool streamed = streamed_can_run(rows, out_features);
-    const bool tiles = tiles_can_run<scalar_t>(rows, out_features);
-    const char* rule = streamed && use_streamed(rows, out_features) ? "streamed"
-                       : use_tiles<scalar_t>(rows, out_features, out_features, kTileMinRowsBackward) ? "tiles"
-                                                                                                     : "blas";
     const std::string masks = std::string(output_mask[0] ? "i" : "") + (output_mask[1] ? "w" : "");
-    const auto query = route_query(
-        ("linear_relu_backward_" + masks).c_str(), input.scalar_type(), rows, in_features, out_features, streamed,
-        tiles, rule);
+    const auto query = route_query<scalar_t>(
+        "linear_relu_backward_" + masks, rows, in_features, out_features, out_features, kTileMinRowsBackward, true);
     const auto run = [&](const std::string& route) {
       if (output_mask[0]) grad_input = at::empty(input.sizes(), options);
       if (output_mask[1]) grad_weight = cpu::recycled_empty(weight.sizes(), options);
       linear_relu_backward_route<scalar_t>(
-          route, gp, w, x, rows, output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
-          output_mask[1] ? &grad_weight : nullptr);
+          route, grad_pre, w, x, output_mask[0] ? &grad_input : nullptr, output_mask[1] ? &grad_weight : nullptr);
     };
     if (output_mask[0] || output_mask[1]) run(cpu::choose_route(query, run));
   });

@@ -143,7 +143,6 @@ std::vector<double> best_seconds(
   return best;
 }
 
-
 }  // namespace
 
 std::string choose_route(const RouteQuery& query, const std::function<void(const std::string&)>& run) {
@@ -160,7 +159,7 @@ std::string choose_route(const RouteQuery& query, const std::function<void(const
     std::lock_guard<std::mutex> lock(choices().mutex);
     auto& known = choices().by_file;
     auto found_file = known.find(file);
-    if (found_file == known.end()) found_file = known.emplace(file, file.empty() ? decltype(found_file->second){} : read_choices(file)).first;
+    if (found_file == known.end()) found_file = known.emplace(file, read_choices(file)).first;  // "": nothing to read
     const auto found = found_file->second.find(key);
     if (found != found_file->second.end() && is_candidate(query, found->second)) return found->second;
   }

@@ -322,7 +322,8 @@ def load_image(path: Path, size: tuple[int, int], channels: int = 1) -> np.ndarr
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """`image` in mode L or RGB: 16-bit and 32-bit gray scaled to 8 bits, alpha composited onto white."""
+    """`image` in mode L or RGB: integer gray (read as 16-bit, PNG's deep gray) and float gray (read as
+    0..255) brought to 8 bits, alpha composited onto white."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(image, dtype=np.float64)
         top = 255.0 if image.mode == "F" else 65535.0
