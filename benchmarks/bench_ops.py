@@ -3,6 +3,7 @@
     python benchmarks/bench_ops.py                  # CPU, 2 threads, all shapes
     python benchmarks/bench_ops.py --device cuda    # GPU (TF32 off unless --tf32)
     python benchmarks/bench_ops.py --only conv --markdown
+    python benchmarks/bench_ops.py --only backbone  # EfficientNet-Lite0's depthwise/pointwise convs
 
 Prints medians of torch.utils.benchmark (forward, and forward+backward computing
 every gradient), the best of several rounds that alternate torch and ours, and
@@ -31,10 +32,13 @@ class ConvCase:
     kernel: int
     size: int
     padding: int
+    stride: int = 1
+    groups: int = 1
 
     def flops(self) -> float:
-        out = self.size + 2 * self.padding - self.kernel + 1
-        return 2.0 * self.batch * self.out_channels * out * out * self.in_channels * self.kernel**2
+        out = (self.size + 2 * self.padding - self.kernel) // self.stride + 1
+        per_output = (self.in_channels // self.groups) * self.kernel**2
+        return 2.0 * self.batch * self.out_channels * out * out * per_output
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,24 @@ CONV_CASES = [
     ConvCase("fer 256->512 3x3 48x48", 8, 256, 512, 3, 48, 1),
 ]
 
+# The convolutions of configs/cifar10_transfer_lite0.yaml's backbone (timm's
+# tf_efficientnet_lite0 on CIFAR-10 upscaled to 96 px, batch 64) that cost the most:
+# depthwise (groups = channels; strided ones as TF 'same' pads them, bottom/right) and
+# pointwise (1x1).
+BACKBONE_CASES = [
+    ConvCase("lite0 dw 96 3x3 s2 48x48", 64, 96, 96, 3, 48, 1, stride=2, groups=96),
+    ConvCase("lite0 dw 144 3x3 24x24", 64, 144, 144, 3, 24, 1, groups=144),
+    ConvCase("lite0 dw 144 5x5 s2 24x24", 64, 144, 144, 5, 24, 2, stride=2, groups=144),
+    ConvCase("lite0 dw 240 5x5 12x12", 64, 240, 240, 5, 12, 2, groups=240),
+    ConvCase("lite0 dw 480 3x3 6x6", 64, 480, 480, 3, 6, 1, groups=480),
+    ConvCase("lite0 dw 672 5x5 6x6", 64, 672, 672, 5, 6, 2, groups=672),
+    ConvCase("lite0 dw 1152 5x5 3x3", 64, 1152, 1152, 5, 3, 2, groups=1152),
+    ConvCase("lite0 pw 16->96 48x48", 64, 16, 96, 1, 48, 0),
+    ConvCase("lite0 pw 144->24 24x24", 64, 144, 24, 1, 24, 0),
+    ConvCase("lite0 pw 112->672 6x6", 64, 112, 672, 1, 6, 0),
+    ConvCase("lite0 pw 1152->192 3x3", 64, 1152, 192, 1, 3, 0),
+]
+
 LINEAR_CASES = [
     LinearCase("fruit fc 6728->841", 256, 6728, 841),
     LinearCase("fruit fc 841->29", 256, 841, 29),
@@ -65,9 +87,11 @@ LINEAR_CASES = [
 
 def conv_fns(case: ConvCase, device, dtype):
     x = torch.randn(case.batch, case.in_channels, case.size, case.size, device=device, dtype=dtype)
-    w = torch.randn(case.out_channels, case.in_channels, case.kernel, case.kernel, device=device, dtype=dtype)
+    w = torch.randn(
+        case.out_channels, case.in_channels // case.groups, case.kernel, case.kernel, device=device, dtype=dtype
+    )
     b = torch.randn(case.out_channels, device=device, dtype=dtype)
-    args = dict(stride=1, padding=case.padding)
+    args = dict(stride=case.stride, padding=case.padding, groups=case.groups)
     return (
         lambda x, w, b: ops.conv2d(x, w, b, **args),
         lambda x, w, b: F.conv2d(x, w, b, **args),
@@ -141,7 +165,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
-    parser.add_argument("--only", choices=["conv", "linear"], help="run one op's cases only")
+    parser.add_argument("--only", choices=["conv", "linear", "backbone"], help="run one group of cases only")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best median counts")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in torch's CUDA kernels")
@@ -165,6 +189,8 @@ def main(argv=None):
     rows = []
     if args.only in (None, "conv"):
         rows += run(CONV_CASES, conv_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
+    if args.only in (None, "backbone"):
+        rows += run(BACKBONE_CASES, conv_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
     if args.only in (None, "linear"):
         rows += run(LINEAR_CASES, linear_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
     if args.device == "cpu":

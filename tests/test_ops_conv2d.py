@@ -134,6 +134,93 @@ def test_matches_torch_geometries(input_shape, weight_shape, stride, padding, di
     )
 
 
+# Depthwise convolutions (in_channels == out_channels == groups) take their own
+# CPU path: channel vectors with tails (1, 3, 17, 33, 40 channels), strides,
+# dilation, 'same', odd and tiny images, several row blocks per image.
+# (input shape, kernel size, stride, padding, dilation)
+DEPTHWISE = [
+    pytest.param((2, 17, 7, 9), 3, 1, 1, 1, id="k3-c17-7x9"),
+    pytest.param((3, 40, 9, 7), 3, 2, 1, 1, id="k3-stride2-c40"),
+    pytest.param((1, 3, 8, 8), 5, 1, 2, 1, id="k5-c3-batch1"),
+    pytest.param((4, 33, 11, 10), 5, 2, 2, 1, id="k5-stride2-c33"),
+    pytest.param((2, 1, 9, 9), 3, 2, 0, 1, id="c1-stride2-valid"),
+    pytest.param((2, 16, 10, 11), 3, 1, "same", 2, id="same-dilated"),
+    pytest.param((2, 18, 8, 7), (4, 2), 1, "same", 1, id="same-even-kernel"),
+    pytest.param((2, 40, 13, 12), 3, (2, 1), (1, 2), (2, 1), id="stride-pad-dil-pairs"),
+    pytest.param((1, 24, 3, 3), 5, 1, 2, 1, id="kernel-larger-than-image"),
+    pytest.param((2, 20, 5, 6), 3, 2, 3, 1, id="padding-beyond-kernel"),
+    pytest.param((2, 9, 1, 1), 3, 1, 1, 1, id="1x1-image"),
+    pytest.param((1, 16, 20, 3), (2, 4), (1, 3), (0, 2), (3, 1), id="narrow-rect-kernel"),
+    pytest.param((2, 20, 50, 40), 3, 1, 1, 1, id="several-row-blocks"),
+    pytest.param((2, 17, 61, 45), 3, 2, 1, 1, id="several-row-blocks-stride2"),
+]
+
+
+def _depthwise_weight_shape(channels, kernel):
+    kernel_h, kernel_w = (kernel, kernel) if isinstance(kernel, int) else kernel
+    return (channels, 1, kernel_h, kernel_w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("input_shape, kernel, stride, padding, dilation", DEPTHWISE)
+def test_depthwise_matches_torch(input_shape, kernel, stride, padding, dilation, dtype):
+    torch.manual_seed(11)
+    channels = input_shape[1]
+    compare_with_torch(
+        input_shape, _depthwise_weight_shape(channels, kernel), stride=stride, padding=padding,
+        dilation=dilation, groups=channels, dtype=dtype,
+    )
+
+
+@pytest.mark.parametrize(
+    "stride, padding, dilation", [(1, 1, 1), (2, 1, 1), (1, "same", 2), ((2, 1), (0, 2), (1, 2))]
+)
+def test_depthwise_gradcheck(stride, padding, dilation):
+    torch.manual_seed(12)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.conv2d(*a, stride, padding, dilation, 3), (x, w, b))
+
+
+@pytest.mark.parametrize("mask", [[False, False, True], [False, True, False], [True, True, True]])
+def test_depthwise_bias_grad_same_with_or_without_weight_grad(mask):
+    torch.manual_seed(13)
+    x = torch.randn(3, 20, 9, 9)
+    w = torch.randn(20, 1, 3, 3)
+    grad = torch.randn(3, 20, 5, 5)
+    args = (x, w, [2, 2], [1, 1], [1, 1], 20, False)
+    full = conv2d_backward(grad, *args, [True, True, True])
+    partial = conv2d_backward(grad, *args, mask)
+    for needed, ours, reference in zip(mask, partial, full):
+        if needed:
+            assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize(
+    "input_shape, kernel, stride",
+    [((4, 40, 13, 11), 3, 2), ((6, 24, 9, 9), 5, 1), ((2, 3, 30, 20), 3, 1), ((64, 48, 6, 6), 3, 1)],
+)
+def test_depthwise_weight_grad_is_bitwise_identical_with_one_or_two_threads(input_shape, kernel, stride):
+    torch.manual_seed(14)
+    channels = input_shape[1]
+    x = torch.randn(input_shape)
+    w = torch.randn(channels, 1, kernel, kernel)
+    padding = kernel // 2
+    grad = torch.randn(ops.conv2d(x, w, None, stride, padding, 1, channels).shape)
+    args = (grad, x, w, [stride] * 2, [padding] * 2, [1, 1], channels, False, [True, True, True])
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results[count] = conv2d_backward(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(results[1], results[2]):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
 @pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "expanded"])
 @pytest.mark.parametrize(
@@ -142,6 +229,7 @@ def test_matches_torch_geometries(input_shape, weight_shape, stride, padding, di
         ((2, 4, 7, 9), (6, 4, 3, 3), 1, 1),   # vector-of-channels path
         ((2, 4, 7, 9), (4, 2, 3, 3), 1, 2),   # few channels per group: row-vector path
         ((2, 32, 6, 6), (48, 32, 3, 3), 0, 1),
+        ((2, 20, 7, 9), (20, 1, 3, 3), 1, 20),  # depthwise
     ],
 )
 def test_matches_torch_layouts(input_shape, weight_shape, padding, groups, layout, grad_layout):
@@ -397,6 +485,7 @@ torch.manual_seed(0)
 for xs, ws, kw in [((2, 3, 9, 9), (5, 3, 3, 3), dict(padding=1)),
                    ((2, 20, 8, 7), (40, 20, 3, 2), dict(stride=2, dilation=(1, 2))),
                    ((2, 4, 8, 8), (4, 1, 3, 3), dict(padding="same", groups=4)),
+                   ((2, 20, 9, 7), (20, 1, 3, 3), dict(stride=2, padding=1, groups=20)),
                    ((2, 3, 8, 16), (8, 3, 3, 3), dict(padding=1))]:
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(xs, dtype=dtype, requires_grad=True)

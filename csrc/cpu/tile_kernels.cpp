@@ -1,12 +1,13 @@
-// The register-tile kernels of conv2d_kernels.h and gemm_kernels.h, compiled three times (AVX-512,
-// AVX2+FMA, baseline SSE2) inside `#pragma GCC target` regions, and the choice
-// among them at run time from the CPU's features: the default build stays
-// portable.
+// The register-tile kernels of conv2d_kernels.h, depthwise_kernels.h and
+// gemm_kernels.h, compiled three times (AVX-512, AVX2+FMA, baseline SSE2)
+// inside `#pragma GCC target` regions, and the choice among them at run time
+// from the CPU's features: the default build stays portable.
 #include "cpu/tile_kernels.h"
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 
@@ -17,10 +18,12 @@ namespace cpu {
 namespace {
 namespace isa_avx512 {
 // 24 of 32 zmm as accumulators: 12 pixels x 2 vectors, 12 positions x 2, 8 channels x 2
-// (or rows x channels x vectors up to 24), 4 channels x 6 positions.
-constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}, 24, 4, 6};
+// (or rows x channels x vectors up to 24), 4 channels x 6 positions; depthwise
+// 12 pixels or 12 taps x 1 vector (the 12 tap offsets fill the integer registers).
+constexpr IsaTiles kIsaTiles{12, {12, 12}, {8, 8}, 24, 4, 6, 12, 12};
 constexpr int kIsaVectorBytes = 64;
 #include "conv2d_kernels.h"
+#include "depthwise_kernels.h"
 #include "gemm_kernels.h"
 }  // namespace isa_avx512
 }  // namespace
@@ -35,10 +38,12 @@ namespace cpu {
 namespace {
 namespace isa_avx2 {
 // 12 of 16 ymm as accumulators (a 64-byte vector is two ymm); 9 for the planar
-// weight gradient, whose accumulators are single ymm.
-constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}, 12, 3, 3};
+// weight gradient, whose accumulators are single ymm. Depthwise: 6 pixels or
+// 6 taps (12 ymm, 2 for the weights or grad_output).
+constexpr IsaTiles kIsaTiles{3, {6, 3}, {6, 3}, 12, 3, 3, 6, 6};
 constexpr int kIsaVectorBytes = 32;
 #include "conv2d_kernels.h"
+#include "depthwise_kernels.h"
 #include "gemm_kernels.h"
 }  // namespace isa_avx2
 }  // namespace
@@ -51,10 +56,12 @@ namespace cpu {
 namespace {
 namespace isa_baseline {
 // 8 to 12 of 16 xmm as accumulators (a 64-byte vector is four xmm); 9 for the
-// planar weight gradient, whose accumulators are single xmm.
-constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}, 12, 3, 3};
+// planar weight gradient, whose accumulators are single xmm; 8 for the
+// depthwise tiles (2 pixels or 2 taps).
+constexpr IsaTiles kIsaTiles{1, {3, 1}, {3, 1}, 12, 3, 3, 2, 2};
 constexpr int kIsaVectorBytes = 16;
 #include "conv2d_kernels.h"
+#include "depthwise_kernels.h"
 #include "gemm_kernels.h"
 }  // namespace isa_baseline
 
@@ -111,10 +118,20 @@ const GemmKernels<scalar_t>& gemm_kernels() {
   return chosen;
 }
 
+template <typename scalar_t>
+const DepthwiseKernels<scalar_t>& depthwise_kernels() {
+  static const DepthwiseKernels<scalar_t> chosen = pick(
+      &isa_avx512::depthwise_kernels<scalar_t>, &isa_avx2::depthwise_kernels<scalar_t>,
+      &isa_baseline::depthwise_kernels<scalar_t>);
+  return chosen;
+}
+
 template const ConvKernels<float>& kernels<float>();
 template const ConvKernels<double>& kernels<double>();
 template const GemmKernels<float>& gemm_kernels<float>();
 template const GemmKernels<double>& gemm_kernels<double>();
+template const DepthwiseKernels<float>& depthwise_kernels<float>();
+template const DepthwiseKernels<double>& depthwise_kernels<double>();
 
 }  // namespace cpu
 }  // namespace lightning_hw

@@ -1,8 +1,8 @@
 // Register-tile kernels shared by the CPU ops (conv2d, linear_relu): their
 // tables, the tile sizes of each instruction set, and the run-time choice of
 // the best variant this CPU runs. The kernels themselves are in
-// conv2d_kernels.h and gemm_kernels.h, compiled once per instruction set in
-// tile_kernels.cpp.
+// conv2d_kernels.h, depthwise_kernels.h and gemm_kernels.h, compiled once per
+// instruction set in tile_kernels.cpp.
 #pragma once
 
 #include <algorithm>
@@ -21,6 +21,8 @@ constexpr int kPlanarMaxChannels = 8;
 constexpr int kPlanarMaxRows = 4;
 constexpr int kPlanarWgradMaxChannels = 4;
 constexpr int kPlanarWgradMaxPositions = 6;
+constexpr int kDwMaxPixels = 12;
+constexpr int kDwMaxTaps = 12;
 
 // Register tile sizes of one instruction set. A 64-byte vector is one zmm
 // register, two ymm or four xmm; the accumulators must fit in the register
@@ -33,6 +35,8 @@ struct IsaTiles {
   int planar_accumulators;      // native vectors of accumulators in a planar tile (rows x channels)
   int planar_wgrad_channels;    // output channels x positions per planar weight-gradient tile
   int planar_wgrad_positions;
+  int dw_pixels;                // output pixels per depthwise tile (one vector of channels)
+  int dw_wgrad_taps;            // most kernel taps per depthwise weight-gradient tile
 };
 
 template <typename scalar_t>
@@ -67,6 +71,26 @@ struct ConvKernels {
   PlanarWgradTile planar_wgrad[kPlanarWgradMaxChannels][kPlanarWgradMaxPositions];  // [O - 1][T - 1]
 };
 
+// The depthwise convolution's tiles (depthwise_kernels.h), over NHWC stripes
+// of one 64-byte vector of channels.
+template <typename scalar_t>
+struct DepthwiseKernels {
+  using ConvTile = void (*)(
+      const scalar_t*, const int64_t*, const int64_t*, int64_t, const scalar_t*, const scalar_t*, scalar_t*);
+  using WgradTile =
+      void (*)(const scalar_t*, int64_t, int64_t, const int64_t*, const scalar_t*, int64_t, int64_t, scalar_t*);
+  using BiasSum = void (*)(const scalar_t*, int64_t, scalar_t*);
+  using Gather = void (*)(const scalar_t*, int64_t, int64_t, int64_t, const int64_t*, scalar_t*);
+  using Scatter = void (*)(const scalar_t*, int64_t, int64_t, scalar_t*, int64_t);
+  int pixels;                       // IsaTiles::dw_pixels
+  int taps;                         // IsaTiles::dw_wgrad_taps
+  ConvTile conv[kDwMaxPixels];      // [P - 1], P <= pixels
+  WgradTile wgrad[kDwMaxTaps];      // [T - 1], T <= taps
+  BiasSum bias_sum;
+  Gather gather;                    // planar channels -> NHWC stripe
+  Scatter scatter;                  // NHWC stripe -> planar channels
+};
+
 // linear_relu's streamed GEMM tiles (gemm_kernels.h): rows_per_tile rows of
 // broadcast scalars x one or two 64-byte vectors.
 template <typename scalar_t>
@@ -84,6 +108,8 @@ template <typename scalar_t>
 const ConvKernels<scalar_t>& kernels();
 template <typename scalar_t>
 const GemmKernels<scalar_t>& gemm_kernels();
+template <typename scalar_t>
+const DepthwiseKernels<scalar_t>& depthwise_kernels();
 // That variant's name: "avx512", "avx2" or "baseline".
 const char* cpu_isa_name();
 

