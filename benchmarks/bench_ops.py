@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +111,34 @@ def linear_fns(case: LinearCase, device, dtype):
     return ops.linear_relu, lambda x, w, b: torch.relu(F.linear(x, w, b)), (x, w, b)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measured_fma_peak(threads: int) -> tuple[str, float] | None:
+    """(ISA, GFLOP/s) of benchmarks/fma_peak.c on `threads` threads: the float32 FMA peak
+    the figures are a share of. None (with a note printed) where no C compiler is found."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        print("# no C compiler (cc, gcc or $CC): FMA peak not measured")
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "fma_peak"
+        source = Path(__file__).with_name("fma_peak.c")
+        subprocess.run([compiler, "-O2", "-fopenmp", str(source), "-o", str(probe)], check=True)
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        isa, _, gflops = subprocess.run([str(probe)], env=environment, capture_output=True, text=True, check=True).stdout.split()
+    return isa, float(gflops)
+
+
 def median_ms(fn, inputs, threads, min_run_time, backward):
     leaves = [t.detach().clone().requires_grad_(backward) for t in inputs]
     if backward:
@@ -144,15 +177,20 @@ def run(cases, make_fns, device, dtype, threads, min_run_time, rounds):
     return rows
 
 
-HEADER = ("op shape", "N", "torch fwd ms", "ours fwd ms", "fwd x", "torch f+b ms", "ours f+b ms", "f+b x", "ours f+b GFLOP/s")
+HEADER = (
+    "op shape", "N", "torch fwd ms", "ours fwd ms", "fwd x", "torch f+b ms", "ours f+b ms", "f+b x",
+    "ours f+b GFLOP/s", "% of peak",
+)  # fmt: skip
+PEAK_GFLOPS = None  # set by main from the FMA probe (CPU)
 
 
 def print_row(row, markdown, flush=False):
     f, fb = row["fwd"], row["fwd+bwd"]
+    share = f"{100 * fb[3] / PEAK_GFLOPS:.0f}%" if PEAK_GFLOPS else "-"
     cells = (
         row["case"], str(row["batch"]),
         f"{f[0]:.3f}", f"{f[1]:.3f}", f"{f[2]:.2f}",
-        f"{fb[0]:.3f}", f"{fb[1]:.3f}", f"{fb[2]:.2f}", f"{fb[3]:.0f}",
+        f"{fb[0]:.3f}", f"{fb[1]:.3f}", f"{fb[2]:.2f}", f"{fb[3]:.0f}", share,
     )
     if markdown:
         print("| " + " | ".join(cells) + " |", flush=flush)
@@ -179,12 +217,20 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = args.tf32
         where = f"{torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}"
     else:
-        where = f"CPU, {args.threads} threads, capability {torch.backends.cpu.get_cpu_capability()}"
+        where = (
+            f"{cpu_model()}, {args.threads} threads, torch capability {torch.backends.cpu.get_cpu_capability()}"
+        )
     print(
         f"# torch {torch.__version__}, {where}, {args.dtype}; best of {args.rounds} medians; "
         f"x = torch time / our time; load average {os.getloadavg()[0]:.2f} (other jobs distort the times)"
     )
-    print(f"{HEADER[0]:<26}" + "".join(f"{h:>14}" for h in HEADER[1:-1]) + f"{'GFLOP/s':>14}")
+    if args.device == "cpu":
+        global PEAK_GFLOPS
+        peak = measured_fma_peak(args.threads)
+        if peak is not None:
+            PEAK_GFLOPS = peak[1]
+            print(f"# float32 FMA peak (benchmarks/fma_peak.c, {peak[0]}): {peak[1]:.0f} GFLOP/s on {args.threads} threads")
+    print(f"{HEADER[0]:<26}" + "".join(f"{h:>14}" for h in HEADER[1:-2]) + f"{'GFLOP/s':>14}{'% peak':>14}")
 
     rows = []
     if args.only in (None, "conv"):

@@ -26,8 +26,8 @@ CONFIG_DATA = {
 }
 
 
-# Fit configs whose fit test lives elsewhere: tests/test_transfer.py (it needs torchvision).
-FIT_ELSEWHERE = {"cifar10_transfer.yaml"}
+# Fit configs whose fit test lives elsewhere: tests/test_transfer.py (they need torchvision or timm).
+FIT_ELSEWHERE = {"cifar10_transfer.yaml", "cifar10_transfer_lite0.yaml"}
 
 
 def test_every_config_is_covered():

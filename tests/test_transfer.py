@@ -36,6 +36,19 @@ def small_net(**kwargs) -> TransferNet:
     return TransferNet(**{**settings, "hidden_sizes": [16], **kwargs})
 
 
+def assert_same_outputs_and_gradients(ours, reference, images, labels):
+    """The two networks' logits and every parameter's gradient of the cross-entropy agree."""
+    outputs = []
+    for model in (ours, reference):
+        logits = model(images)
+        F.cross_entropy(logits, labels).backward()
+        outputs.append(logits)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    gradients = dict(reference.named_parameters())
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, gradients[name].grad, msg=name)
+
+
 def test_missing_torchvision_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` fail
     with pytest.raises(ImportError, match="TransferNet needs torchvision"):
@@ -87,15 +100,7 @@ def test_our_convolutions_match_torchs_outputs_and_every_gradient():
     assert not any(isinstance(m, Conv2d) for m in reference.modules())
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     labels = torch.tensor([1, 4])
-    outputs = []
-    for model in (ours, reference):
-        logits = model(images)
-        F.cross_entropy(logits, labels).backward()
-        outputs.append(logits)
-    torch.testing.assert_close(outputs[0], outputs[1])
-    gradients = dict(reference.named_parameters())
-    for name, parameter in ours.named_parameters():
-        torch.testing.assert_close(parameter.grad, gradients[name].grad, msg=name)
+    assert_same_outputs_and_gradients(ours, reference, images, labels)
 
 
 @needs_torchvision
@@ -275,15 +280,7 @@ def test_lite0_on_our_ops_matches_torchs_outputs_and_every_gradient():
     assert sum(m.groups == m.in_channels > 1 for m in convolutions) == 16  # every block's depthwise
     images = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     labels = torch.tensor([1, 4, 0])
-    outputs = []
-    for model in (ours, reference):
-        logits = model(images)
-        F.cross_entropy(logits, labels).backward()
-        outputs.append(logits)
-    torch.testing.assert_close(outputs[0], outputs[1])
-    gradients = dict(reference.named_parameters())
-    for name, parameter in ours.named_parameters():
-        torch.testing.assert_close(parameter.grad, gradients[name].grad, msg=name)
+    assert_same_outputs_and_gradients(ours, reference, images, labels)
 
 
 @needs_timm
