@@ -22,8 +22,8 @@ from lightning_hw import ops
 from lightning_hw.models.base import ImageClassifier
 from lightning_hw.nn import Conv2d, LinearReLU
 
-# timm backbones TransferNet builds, each with the loader of its packaged ImageNet
-# weights (see efficientnet_lite0_state_dict).
+# timm backbones TransferNet builds; their ImageNet weights come from an installed
+# package (efficientnet_lite0_state_dict), never from the network.
 TIMM_BACKBONES = ("tf_efficientnet_lite0",)
 
 
