@@ -1,22 +1,38 @@
-"""Micro-benchmarks: lightning_hw ops against PyTorch's own kernels, in one process.
+"""Micro-benchmarks: lightning_hw ops against PyTorch's own kernels.
 
-    python benchmarks/bench_ops.py                  # CPU, 2 threads, all shapes
+    python benchmarks/bench_ops.py                  # CPU, all cores, all shapes, 3 processes
     python benchmarks/bench_ops.py --device cuda    # GPU (TF32 off unless --tf32)
     python benchmarks/bench_ops.py --only conv --markdown
     python benchmarks/bench_ops.py --only backbone  # EfficientNet-Lite0's depthwise/pointwise convs
+    python benchmarks/bench_ops.py --processes 1    # everything in this one process
 
-Prints medians of torch.utils.benchmark (forward, and forward+backward computing
-every gradient), the best of several rounds that alternate torch and ours, and
-the ratio torch/ours: above 1 means ours is faster.
+Each figure is a median of torch.utils.benchmark (forward, and forward+backward
+computing every gradient). One process measures every case in rounds that
+alternate torch and ours, and keeps the best median of each. Torch's CPU times
+are bimodal from process to process (in some processes glibc hands it fresh pages
+on every call); loading lightning_hw.ops fixes glibc's malloc thresholds, which
+keeps torch in its fast mode in every process (lightning_hw/allocation.py; the
+header says whether it applied). To make sure, the script runs itself
+--processes times (3), one process after another, and keeps per case and mode
+the fastest torch and the fastest ours over all of them: torch at its best. "torch f+b spread" is torch's slowest process's
+f+b time over its fastest's: well above 1 where a process caught torch's slow mode
+(or other jobs slowed one process down; see the load average). "x" is torch's
+time over ours: above 1 means ours is faster. Our GFLOP/s (3x the forward's
+flops for f+b) carry their share of the float32 FMA peak (benchmarks/fma_peak.c),
+measured once before the processes start. Progress goes to stderr; the report,
+printed at the end, to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
@@ -25,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from lightning_hw import ops
+from lightning_hw import allocation, ops
 
 
 @dataclass(frozen=True)
@@ -111,32 +127,51 @@ def linear_fns(case: LinearCase, device, dtype):
     return ops.linear_relu, lambda x, w, b: torch.relu(F.linear(x, w, b)), (x, w, b)
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+# The /proc/cpuinfo flags that decide which kernels torch and ours can use.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpuinfo_field(name: str) -> str | None:
+    """The value of /proc/cpuinfo's first `name` line (Linux), else None."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """Those of KERNEL_FLAGS that /proc/cpuinfo lists (none where it cannot be read)."""
+    present = set((cpuinfo_field("flags") or "").split())
+    return [flag for flag in KERNEL_FLAGS if flag in present]
 
 
 def measured_fma_peak(threads: int) -> tuple[str, float] | None:
     """(ISA, GFLOP/s) of benchmarks/fma_peak.c on `threads` threads: the float32 FMA peak
-    the figures are a share of. None (with a note printed) where no C compiler is found."""
+    the figures are a share of. None where no C compiler is found."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        print("# no C compiler (cc, gcc or $CC): FMA peak not measured")
         return None
     with tempfile.TemporaryDirectory() as folder:
         probe = Path(folder) / "fma_peak"
         source = Path(__file__).with_name("fma_peak.c")
         subprocess.run([compiler, "-O2", "-fopenmp", str(source), "-o", str(probe)], check=True)
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        isa, _, gflops = subprocess.run([str(probe)], env=environment, capture_output=True, text=True, check=True).stdout.split()
-    return isa, float(gflops)
+        # A peak: the best of a few runs, so a moment of other work does not lower it.
+        runs = [
+            subprocess.run([str(probe)], env=environment, capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(3)
+        ]
+    return runs[0][0], max(float(gflops) for _, _, gflops in runs)
 
 
 def median_ms(fn, inputs, threads, min_run_time, backward):
@@ -158,97 +193,200 @@ def median_ms(fn, inputs, threads, min_run_time, backward):
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def run(cases, make_fns, device, dtype, threads, min_run_time, rounds):
+MODES = (("fwd", False), ("fwd+bwd", True))
+
+
+def measure_cases(cases, make_fns, device, dtype, threads, min_run_time, rounds):
+    """Rows of {case, batch, flops (forward's), fwd and fwd+bwd: {torch, ours} ms}; a
+    progress line per case goes to stderr."""
     rows = []
     for case in cases:
         ours, theirs, inputs = make_fns(case, device, dtype)
-        row = {"case": case.name, "batch": case.batch}
-        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+        row = {"case": case.name, "batch": case.batch, "flops": case.flops()}
+        for mode, backward in MODES:
             # Rounds alternate torch and ours; the best median of each is kept,
             # so a noisy moment (or torch's allocator warming up) hurts neither.
             t_torch = t_ours = float("inf")
             for _ in range(rounds):
                 t_torch = min(t_torch, median_ms(theirs, inputs, threads, min_run_time, backward))
                 t_ours = min(t_ours, median_ms(ours, inputs, threads, min_run_time, backward))
-            flops = case.flops() * (3 if backward else 1)
-            row[mode] = (t_torch, t_ours, t_torch / t_ours, flops / t_ours / 1e6)
+            row[mode] = {"torch": t_torch, "ours": t_ours}
         rows.append(row)
-        print_row(row, markdown=False, flush=True)
+        times = ", ".join(f"{mode} {row[mode]['torch']:.3f}/{row[mode]['ours']:.3f}" for mode, _ in MODES)
+        print(f"{case.name}: torch/ours ms {times}", file=sys.stderr, flush=True)
     return rows
 
 
-HEADER = (
-    "op shape", "N", "torch fwd ms", "ours fwd ms", "fwd x", "torch f+b ms", "ours f+b ms", "f+b x",
-    "ours f+b GFLOP/s", "% of peak",
-)  # fmt: skip
-PEAK_GFLOPS = None  # set by main from the FMA probe (CPU)
+# --only's groups of cases: (name, cases, their functions and inputs).
+GROUPS = (("conv", CONV_CASES, conv_fns), ("backbone", BACKBONE_CASES, conv_fns), ("linear", LINEAR_CASES, linear_fns))
 
 
-def print_row(row, markdown, flush=False):
-    f, fb = row["fwd"], row["fwd+bwd"]
-    share = f"{100 * fb[3] / PEAK_GFLOPS:.0f}%" if PEAK_GFLOPS else "-"
-    cells = (
-        row["case"], str(row["batch"]),
-        f"{f[0]:.3f}", f"{f[1]:.3f}", f"{f[2]:.2f}",
-        f"{fb[0]:.3f}", f"{fb[1]:.3f}", f"{fb[2]:.2f}", f"{fb[3]:.0f}", share,
-    )
-    if markdown:
-        print("| " + " | ".join(cells) + " |", flush=flush)
-    else:
-        print(f"{cells[0]:<26}" + "".join(f"{c:>14}" for c in cells[1:]), flush=flush)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
-    parser.add_argument("--only", choices=["conv", "linear", "backbone"], help="run one group of cases only")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best median counts")
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 in torch's CUDA kernels")
-    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
-    args = parser.parse_args(argv)
-
-    dtype = getattr(torch, args.dtype)
+def measure(args) -> dict:
+    """This process's measurement: {"rows": measure_cases' rows, "routes": the CPU routes chosen}."""
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-        where = f"{torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}"
-    else:
-        where = (
-            f"{cpu_model()}, {args.threads} threads, torch capability {torch.backends.cpu.get_cpu_capability()}"
-        )
-    print(
-        f"# torch {torch.__version__}, {where}, {args.dtype}; best of {args.rounds} medians; "
-        f"x = torch time / our time; load average {os.getloadavg()[0]:.2f} (other jobs distort the times)"
-    )
-    if args.device == "cpu":
-        global PEAK_GFLOPS
-        peak = measured_fma_peak(args.threads)
-        if peak is not None:
-            PEAK_GFLOPS = peak[1]
-            print(f"# float32 FMA peak (benchmarks/fma_peak.c, {peak[0]}): {peak[1]:.0f} GFLOP/s on {args.threads} threads")
-    print(f"{HEADER[0]:<26}" + "".join(f"{h:>14}" for h in HEADER[1:-2]) + f"{'GFLOP/s':>14}{'% peak':>14}")
-
+    dtype = getattr(torch, args.dtype)
     rows = []
-    if args.only in (None, "conv"):
-        rows += run(CONV_CASES, conv_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
-    if args.only in (None, "backbone"):
-        rows += run(BACKBONE_CASES, conv_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
-    if args.only in (None, "linear"):
-        rows += run(LINEAR_CASES, linear_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
-    if args.device == "cpu":
-        # Which CPU route linear_relu timed and chose for each shape (csrc/cpu/route_choice.h).
-        for line in sorted(torch.ops.lightning_hw.route_choices()):
-            print("# route: " + line.replace("\t", " "))
+    for group, cases, make_fns in GROUPS:
+        if args.only in (None, group):
+            rows += measure_cases(cases, make_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
+    # Which CPU route our ops timed (or read from the cache) and chose per shape (csrc/cpu/route_choice.h).
+    routes = sorted(torch.ops.lightning_hw.route_choices()) if args.device == "cpu" else []
+    return {"rows": rows, "routes": routes}
+
+
+def measure_in_processes(argv: list[str], count: int) -> list[dict]:
+    """measure() of `count` runs of this script with `argv`, one after another (side by
+    side they would slow each other down); each inherits the environment (threads, the
+    route-choice cache LIGHTNING_HW_CACHE_DIR). Their output goes to stderr as it comes."""
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(1, count + 1):
+            result_path = Path(folder) / f"process{index}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker-json", str(result_path)]
+            tail = collections.deque(maxlen=40)
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+                for line in child.stdout:
+                    print(f"[process {index}/{count}] {line}", end="", file=sys.stderr, flush=True)
+                    tail.append(line)
+            if child.returncode != 0:
+                raise RuntimeError(
+                    f"bench_ops process {index}/{count} failed (exit status {child.returncode}); its output ends:\n"
+                    + "".join(tail)
+                )
+            results.append(json.loads(result_path.read_text()))
+    return results
+
+
+def best_of_processes(runs: list[list[dict]]) -> list[dict]:
+    """One row per case (in first-seen order) from each process's measure_cases rows:
+    per mode the fastest torch and the fastest ours over all processes, and torch's
+    "f+b spread", its slowest process's f+b time over its fastest's."""
+    rows_by_case = {}
+    for rows in runs:
+        for row in rows:
+            rows_by_case.setdefault(row["case"], []).append(row)
+    merged = []
+    for case, rows in rows_by_case.items():
+        best = {"case": case, "batch": rows[0]["batch"], "flops": rows[0]["flops"]}
+        for mode, _ in MODES:
+            best[mode] = {impl: min(row[mode][impl] for row in rows) for impl in ("torch", "ours")}
+        torch_fb = [row["fwd+bwd"]["torch"] for row in rows]
+        best["torch_fb_spread"] = max(torch_fb) / min(torch_fb)
+        merged.append(best)
+    return merged
+
+
+COLUMNS = (
+    "op shape", "N", "torch fwd ms", "ours fwd ms", "fwd x", "ours fwd GFLOP/s (% peak)",
+    "torch f+b ms", "ours f+b ms", "f+b x", "ours f+b GFLOP/s (% peak)", "torch f+b spread",
+)  # fmt: skip
+
+
+def mode_cells(times: dict, flops: float, peak_gflops: float | None) -> tuple[str, ...]:
+    """torch ms, ours ms, torch/ours, and our 'GFLOP/s (% of peak)' (GFLOP/s alone without a peak)."""
+    gflops = flops / times["ours"] / 1e6
+    rate = f"{gflops:.0f} ({100 * gflops / peak_gflops:.0f}%)" if peak_gflops else f"{gflops:.0f}"
+    return f"{times['torch']:.3f}", f"{times['ours']:.3f}", f"{times['torch'] / times['ours']:.2f}", rate
+
+
+def row_cells(row: dict, peak_gflops: float | None) -> tuple[str, ...]:
+    return (
+        row["case"],
+        str(row["batch"]),
+        *mode_cells(row["fwd"], row["flops"], peak_gflops),
+        *mode_cells(row["fwd+bwd"], 3 * row["flops"], peak_gflops),
+        f"{row['torch_fb_spread']:.2f}",
+    )
+
+
+def table_lines(rows: list[dict], peak_gflops: float | None, markdown: bool) -> list[str]:
+    cells = [row_cells(row, peak_gflops) for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in (COLUMNS, *cells)]
+        return [lines[0], "|" + "---|" * len(COLUMNS), *lines[1:]]
+    widths = [max(len(line[i]) for line in (COLUMNS, *cells)) for i in range(len(COLUMNS))]
+    return [
+        line[0].ljust(widths[0]) + "".join(cell.rjust(width + 2) for cell, width in zip(line[1:], widths[1:]))
+        for line in (COLUMNS, *cells)
+    ]
+
+
+def header_lines(args, peak: tuple[str, float] | None, load_at_start: float, load_at_end: float) -> list[str]:
+    """The report's header: what ran where, and how the best times were obtained."""
+    torch_build = f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    lines = [
+        f"# lightning_hw ops vs torch on {args.device}, {args.dtype}; x = torch time / our time (above 1: ours faster)",
+        f"# machine: {cpu_model()}; flags: {' '.join(cpu_flags()) or 'none of ' + ' '.join(KERNEL_FLAGS)}; "
+        f"{args.threads} threads; {torch_build}",
+    ]
+    if args.device == "cuda":
+        lines.append(f"# GPU: {torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}")
+    else:
+        measured = (
+            f"{peak[1]:.0f} GFLOP/s on {args.threads} threads (benchmarks/fma_peak.c, {peak[0]})"
+            if peak
+            else "not measured (no C compiler: cc, gcc or $CC)"
+        )
+        lines.append(f"# float32 FMA peak: {measured}")
+    each = f"best of {args.rounds} alternating medians of >= {args.min_run_time} s"
+    if args.processes == 1:
+        lines.append(f"# torch and ours: {each}, all in this one process (torch's slow mode not ruled out)")
+    else:
+        lines += [
+            f"# torch at its best: fastest of {args.processes} processes run one after another (each: {each}); "
+            "ours likewise",
+            "# torch f+b spread: torch's slowest process's f+b time / its fastest's (a slow mode, or other jobs)",
+        ]
+    lines.append(f"# glibc malloc: {allocation.tuning()} (lightning_hw/allocation.py: torch's fast mode in every process)")
+    lines.append(
+        f"# load average (1 min): {load_at_start:.2f} at start, {load_at_end:.2f} at end (other jobs distort the times)"
+    )
+    return lines
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    parser.add_argument("--only", choices=[name for name, _, _ in GROUPS], help="run one group of cases only")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best median counts")
+    parser.add_argument(
+        "--processes", type=int, default=3, help="processes run one after another; the fastest counts (1: this one)"
+    )
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 in torch's CUDA kernels")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    # A child of measure_in_processes: measure, write the result there as JSON, print no report.
+    parser.add_argument("--worker-json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+
+    if args.worker_json:
+        args.worker_json.write_text(json.dumps(measure(args)))
+        return
+    load_at_start = os.getloadavg()[0]
+    # Before the processes, not beside them: it would slow them, and they it.
+    peak = measured_fma_peak(args.threads) if args.device == "cpu" else None
+    results = [measure(args)] if args.processes == 1 else measure_in_processes(argv, args.processes)
+    rows = best_of_processes([result["rows"] for result in results])
+    routes = sorted(set().union(*(result["routes"] for result in results)))
+    load_at_end = os.getloadavg()[0]
+
+    peak_gflops = peak[1] if peak else None
+    print("\n".join(header_lines(args, peak, load_at_start, load_at_end)))
+    print("\n".join(table_lines(rows, peak_gflops, markdown=False)))
+    for route in routes:
+        print("# route: " + route.replace("\t", " "))
+    print(f"# load average (1 min) at end: {load_at_end:.2f}")
     if args.markdown:
         print()
-        print("| " + " | ".join(HEADER) + " |")
-        print("|" + "---|" * len(HEADER))
-        for row in rows:
-            print_row(row, markdown=True)
+        print("\n".join(table_lines(rows, peak_gflops, markdown=True)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@
 #   GPU_CHECK_SITE                 where the wheels are installed, put on PYTHONPATH (/tmp/gpu_check_site)
 #   GPU_CHECK_BUILD=1|0            build the extension (1 / 0: only check that the installed one loads)
 #   GPU_CHECK_PYTEST_ARGS          extra pytest arguments ()
-#   GPU_CHECK_BENCH_ARGS           bench_ops.py arguments ("--min-run-time 0.2 --rounds 2" / "--min-run-time 0.01 --rounds 1")
+#   GPU_CHECK_BENCH_ARGS           bench_ops.py arguments ("--min-run-time 0.2 --rounds 2 --processes 1" / "--min-run-time 0.01 --rounds 1 --processes 1"; one process: the step has 120 s)
 #   GPU_CHECK_DATA=auto|real|generated   fits' data (auto: data/gpu_check if there, else generated / generated)
 #   GPU_CHECK_CARRIED_DATA         the real-data subsets (data/gpu_check, made by gpu_check_prepare.sh)
 #   GPU_CHECK_FAKE_N               generated: images per CIFAR batch and FER Usage (1000 / 40)
@@ -66,7 +66,7 @@ INSTALL_WHEELS=${GPU_CHECK_INSTALL_WHEELS:-$(cpu_or_gpu 1 0)}
 SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
 BUILD=${GPU_CHECK_BUILD:-$(cpu_or_gpu 1 0)}
 PYTEST_ARGS=${GPU_CHECK_PYTEST_ARGS:-}
-BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-$(cpu_or_gpu "--min-run-time 0.2 --rounds 2" "--min-run-time 0.01 --rounds 1")}
+BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-$(cpu_or_gpu "--min-run-time 0.2 --rounds 2 --processes 1" "--min-run-time 0.01 --rounds 1 --processes 1")}
 DATA_MODE=${GPU_CHECK_DATA:-$(cpu_or_gpu auto generated)}
 CARRIED_DATA=${GPU_CHECK_CARRIED_DATA:-$ROOT/data/gpu_check}
 FAKE_N=${GPU_CHECK_FAKE_N:-$(cpu_or_gpu 1000 40)}

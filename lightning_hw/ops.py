@@ -10,6 +10,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from lightning_hw import _C  # noqa: F401  (loads the library and its registrations, once)
+from lightning_hw.allocation import keep_freed_memory
+
+keep_freed_memory()  # before any timing of routes: see lightning_hw/allocation.py
 
 __all__ = ["conv2d", "linear_relu", "has_cuda_kernels"]
 

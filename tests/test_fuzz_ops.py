@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from hypothesis import event, given, strategies as st
 
 import lightning_hw.ops as ops
-from routes import LINEAR_ROUTES, forced_route
+from routes import CONV_ROUTES, LINEAR_ROUTES, forced_route
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
@@ -240,12 +240,13 @@ def conv_geometries(draw):
 class ConvCase:
     geometry: ConvGeometry
     operands: Operands
+    route: str = "rule"  # the CPU route (tests/routes.py); one that cannot run the shape falls back to the rule
 
 
 @st.composite
 def conv_cases(draw):
     geometry = draw(conv_geometries())
-    return ConvCase(geometry, draw(operands(len(geometry.input_shape), 4)))
+    return ConvCase(geometry, draw(operands(len(geometry.input_shape), 4)), draw(st.sampled_from(CONV_ROUTES)))
 
 
 def compare_with_torch(ours, reference, shapes, dtype, o: Operands, adjust_grad=lambda grad, x, w, b: grad):
@@ -286,11 +287,12 @@ def test_conv2d_matches_torch(fuzz_cases, case: ConvCase):
     count(fuzz_cases, "conv2d", "valid")
     g = case.geometry
     shapes = (g.input_shape, g.weight_shape, (g.out_channels,) if g.bias else None)
-    compare_with_torch(
-        lambda x, w, b: ops.conv2d(x, w, b, **g.kwargs()),
-        lambda x, w, b: F.conv2d(x, w, b, **g.kwargs()),
-        shapes, g.dtype, case.operands,
-    )
+    with forced_route(case.route):
+        compare_with_torch(
+            lambda x, w, b: ops.conv2d(x, w, b, **g.kwargs()),
+            lambda x, w, b: F.conv2d(x, w, b, **g.kwargs()),
+            shapes, g.dtype, case.operands,
+        )
 
 
 def clones(*tensors):

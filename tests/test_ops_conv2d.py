@@ -1,6 +1,11 @@
 """lightning_hw.ops.conv2d (CPU kernels) against torch.nn.functional.conv2d:
 forward and every gradient over a grid of geometries, layouts and dtypes, plus
-gradcheck, opcheck, torch.compile, argument errors and determinism."""
+gradcheck, opcheck, torch.compile, argument errors and determinism.
+
+Our kernels run as the built-in rule picks them (timing off, autouse fixture
+below), so no test here checks torch's route against torch; every route,
+forced, is compared in test_every_route_matches_torch and test_fuzz_ops.py,
+and the timed choice in test_route_choice.py."""
 
 import os
 import subprocess
@@ -14,7 +19,15 @@ import torch.nn.functional as F
 
 import lightning_hw.ops as ops
 
+from routes import CONV_ROUTES, forced_route
+
 conv2d_backward = torch.ops.lightning_hw.conv2d_backward.default
+
+
+@pytest.fixture(autouse=True)
+def our_kernels_by_rule():
+    with forced_route("rule"):
+        yield
 
 
 def tolerances(dtype, reference):
@@ -132,6 +145,29 @@ def test_matches_torch_geometries(input_shape, weight_shape, stride, padding, di
         input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation,
         groups=groups, dtype=dtype,
     )
+
+
+# One shape per kind of route: planar (few channels), direct, depthwise, 'same'
+# with an even kernel (asymmetric: torch's route cannot run it), strided and grouped.
+ROUTE_GEOMETRIES = [
+    pytest.param((2, 3, 12, 12), (8, 3, 3, 3), 1, 1, 1, 1, id="planar"),
+    pytest.param((2, 20, 9, 8), (40, 20, 3, 3), 1, 1, 1, 1, id="direct"),
+    pytest.param((2, 24, 9, 9), (24, 1, 3, 3), 2, 1, 1, 24, id="depthwise"),
+    pytest.param((2, 6, 8, 8), (10, 6, 4, 4), 1, "same", 1, 1, id="same-even-kernel"),
+    pytest.param((2, 16, 11, 9), (32, 8, 1, 1), 2, 0, 1, 2, id="pointwise-strided-grouped"),
+]
+
+
+@pytest.mark.parametrize("route", CONV_ROUTES)
+@pytest.mark.parametrize("input_shape, weight_shape, stride, padding, dilation, groups", ROUTE_GEOMETRIES)
+def test_every_route_matches_torch(input_shape, weight_shape, stride, padding, dilation, groups, route):
+    torch.manual_seed(1)
+    with forced_route(route):
+        for dtype in (torch.float32, torch.float64):
+            compare_with_torch(
+                input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                dtype=dtype,
+            )
 
 
 # Depthwise convolutions (in_channels == out_channels == groups) take their own
@@ -502,7 +538,7 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_lesser_instruction_sets(isa):
     """The AVX2 and baseline variants of the kernels (forced by environment)."""
-    env = dict(os.environ, LIGHTNING_HW_CPU_ISA=isa)
+    env = dict(os.environ, LIGHTNING_HW_CPU_ISA=isa, LIGHTNING_HW_AUTOTUNE="0")
     result = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"

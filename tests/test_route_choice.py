@@ -1,8 +1,8 @@
-"""linear_relu's CPU route chosen by timing (csrc/cpu/route_choice.h): timed once per shape,
-kept in memory and in a file that a new process reads instead of timing again; off with
-LIGHTNING_HW_AUTOTUNE=0, under deterministic algorithms and for tiny problems; forced with
-LIGHTNING_HW_ROUTE. Every route's results are checked in test_fuzz_ops.py and
-test_ops_linear_relu.py."""
+"""The CPU routes of linear_relu and conv2d chosen by timing (csrc/cpu/route_choice.h): timed
+once per shape, kept in memory and in a file that a new process reads instead of timing again;
+off with LIGHTNING_HW_AUTOTUNE=0, under deterministic algorithms and for tiny problems; forced
+with LIGHTNING_HW_ROUTE. Every route's results are checked in test_fuzz_ops.py,
+test_ops_linear_relu.py and test_ops_conv2d.py."""
 
 from __future__ import annotations
 
@@ -115,3 +115,58 @@ def test_an_unwritable_cache_folder_keeps_choices_in_memory(cache_dir, monkeypat
     torch.ops.lightning_hw.clear_route_choices()
     run_layer(*SHAPE)
     assert len(choices()) == 2 and not list(cache_dir.rglob("routes-*.tsv"))
+
+
+CONV_PARTS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
+
+
+def run_conv(x_shape, w_shape, padding, groups=1):
+    x = torch.randn(x_shape, requires_grad=True)
+    w = torch.randn(w_shape, requires_grad=True)
+    b = torch.randn(w_shape[0], requires_grad=True)
+    out = ops.conv2d(x, w, b, padding=padding, groups=groups)
+    grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    x, w, b = x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_()
+    reference = F.conv2d(x, w, b, padding=padding, groups=groups)
+    torch.testing.assert_close(out.detach(), reference.detach(), rtol=1e-4, atol=1e-3)
+    for ours, theirs in zip(grads, torch.autograd.grad(reference, (x, w, b), torch.ones_like(reference))):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, padding, groups, ours",
+    [
+        ((8, 16, 16, 16), (32, 16, 3, 3), 1, 1, {"direct"}),  # 19 MFLOP
+        ((16, 3, 24, 24), (16, 3, 3, 3), 1, 1, {"planar", "direct"}),  # few input channels: planar by rule
+        ((16, 64, 24, 24), (64, 1, 3, 3), 1, 64, {"depthwise"}),
+    ],
+    ids=["direct", "planar", "depthwise"],
+)
+def test_each_conv_part_is_timed_against_torch(cache_dir, x_shape, w_shape, padding, groups, ours):
+    run_conv(x_shape, w_shape, padding, groups)
+    lines = {line[0]: line for line in file_lines(cache_dir)}
+    assert set(lines) == set(CONV_PARTS)
+    for part, (_, shape, route, note) in lines.items():
+        timed = {entry.split("=")[0] for entry in note.split()}
+        # The input gradient of the planar shape is a 16->3 convolution: planar by rule too.
+        assert timed == ours | {"aten"}, part
+        assert route in timed and choices()[(part, shape)] == route
+    run_conv(x_shape, w_shape, padding, groups)  # known: not timed again
+    assert len(file_lines(cache_dir)) == len(CONV_PARTS)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_torch_route_is_not_a_candidate_where_it_cannot_pad_the_same(cache_dir):
+    run_conv((8, 16, 16, 16), (32, 16, 4, 4), "same")  # even kernel: asymmetric padding
+    # One candidate left (ours by rule) is not timed; a planar rule would be timed against direct.
+    assert all("aten" not in line[3] for line in file_lines(cache_dir))
+    assert "aten" not in choices().values()
+
+
+def test_conv_routes_not_timed_under_deterministic_algorithms(cache_dir):
+    torch.use_deterministic_algorithms(True)
+    try:
+        run_conv((8, 16, 16, 16), (32, 16, 3, 3), 1)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert choices() == {} and file_lines(cache_dir) == []

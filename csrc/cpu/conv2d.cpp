@@ -1,5 +1,7 @@
 // CPU kernels of lightning_hw::conv2d and conv2d_backward: a direct convolution
-// (no im2col buffer, no call into torch's convolutions).
+// (no im2col buffer). Each part (forward, input gradient, weight gradient) runs
+// the route timed fastest for its shape on this machine (route_choice.h): one
+// of our kernels below, or torch's own convolution where that is faster.
 //
 // Layouts. Activations are copied once per call into NHWC buffers, zero-padded
 // so that every kernel tap of every output pixel reads a valid address (no
@@ -58,6 +60,7 @@
 
 #include "checks.h"
 #include "conv2d_geometry.h"
+#include "cpu/route_choice.h"
 #include "cpu/tile_kernels.h"
 #include "cpu/workspace.h"
 
@@ -769,8 +772,10 @@ void depthwise_weight_grad_impl(
   });
 }
 
+// out4 = conv2d(input4) by one of our routes: "depthwise", "planar" or "direct".
 template <typename scalar_t>
 void conv2d_forward_impl(
+    const std::string& route,
     const at::Tensor& input4,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
@@ -785,7 +790,7 @@ void conv2d_forward_impl(
   at::Tensor bias_contiguous;
   if (bias.has_value()) bias_contiguous = bias->contiguous();
   const scalar_t* bias_data = bias.has_value() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
-  if (depthwise(s)) {
+  if (route == "depthwise") {
     const at::Tensor packed = pack_depthwise_weights<scalar_t>(weight, /*transposed=*/false);
     run_depthwise_conv(DepthwiseConv<scalar_t>{
         PaddedPlanes<scalar_t>(input4, s.pad_top, s.pad_left, 1, 1), pad_w, s.batch, s.in_channels, s.kernel_h,
@@ -793,7 +798,7 @@ void conv2d_forward_impl(
         packed.const_data_ptr<scalar_t>(), bias_data, out4.mutable_data_ptr<scalar_t>()});
     return;
   }
-  if (planar_forward<scalar_t>(s)) {
+  if (route == "planar") {
     const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/false);
     PlanarConv<scalar_t> a{
         PaddedPlanes<scalar_t>(input4, s.pad_top, s.pad_left, 1, 1), pad_w, s.batch, s.groups,
@@ -866,6 +871,68 @@ void check_buffer_sizes(const Conv2dShape& s) {
       ")) is too large to index in int64");
 }
 
+// Which route runs each part of the op (cpu/route_choice.h), timed per shape on
+// the machine: our depthwise, planar or direct kernels, or torch's own
+// convolution ("aten": oneDNN, or its GEMM-based kernels), so that no shape runs
+// slower here than under torch.nn. The built-in rule (timing off, deterministic
+// algorithms, tiny problems) picks among ours only: their results are bitwise
+// independent of the thread count.
+enum class ConvPart { kForward, kInputGrad, kWeightGrad };
+
+template <typename scalar_t>
+std::string conv_rule_route(const Conv2dShape& s, ConvPart part) {
+  if (depthwise(s)) return "depthwise";
+  // The input gradient is a stride-1 convolution with in/out channels swapped;
+  // the weight gradient follows the forward's layout choice.
+  const bool planar = part == ConvPart::kInputGrad
+                          ? use_planar<scalar_t>(
+                                s.in_channels_per_group(), s.out_channels_per_group() * s.kernel_h * s.kernel_w, 1, 1)
+                          : planar_forward<scalar_t>(s);
+  return planar ? "planar" : "direct";
+}
+
+// at::convolution pads both sides alike: 'same' padding with an odd span
+// (even kernel extent) is asymmetric, and stays with our kernels.
+bool aten_can_run(const Conv2dShape& s, bool pad_same) {
+  return !pad_same || (((s.kernel_h - 1) * s.dilation_h) % 2 == 0 && ((s.kernel_w - 1) * s.dilation_w) % 2 == 0);
+}
+
+template <typename scalar_t>
+cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_same) {
+  static constexpr const char* kOps[] = {"conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"};
+  cpu::RouteQuery query;
+  query.op = kOps[static_cast<int>(part)];
+  query.shape = c10::str(
+      c10::toString(c10::CppTypeToScalarType<scalar_t>::value), " ", s.batch, "x", s.in_channels, "x", s.in_h, "x",
+      s.in_w, " out ", s.out_channels, "x", s.out_h, "x", s.out_w, " k", s.kernel_h, "x", s.kernel_w, " s",
+      s.stride_h, "x", s.stride_w, " p", s.pad_top, "x", s.pad_left, " d", s.dilation_h, "x", s.dilation_w, " g",
+      s.groups);
+  query.fallback = conv_rule_route<scalar_t>(s, part);
+  query.candidates = {query.fallback};
+  // The direct kernels run every shape; they are timed against the planar
+  // ones (whose rule is a threshold), not against depthwise (one useful lane
+  // in a vector there).
+  if (query.fallback == "planar") query.candidates.push_back("direct");
+  if (aten_can_run(s, pad_same)) query.candidates.push_back("aten");
+  query.flops = 2.0 * double(s.batch) * double(s.out_channels) * double(s.out_h * s.out_w) *
+                double(s.in_channels_per_group() * s.kernel_h * s.kernel_w);
+  return query;
+}
+
+std::vector<int64_t> conv_stride(const Conv2dShape& s) { return {s.stride_h, s.stride_w}; }
+std::vector<int64_t> conv_padding(const Conv2dShape& s) { return {s.pad_top, s.pad_left}; }
+std::vector<int64_t> conv_dilation(const Conv2dShape& s) { return {s.dilation_h, s.dilation_w}; }
+
+// A result of torch's kernels as the op's output: itself where it is laid out
+// as ours are (contiguous), else copied into ours.
+at::Tensor adopt(const at::Tensor& result, at::Tensor& ours4, const at::Tensor& ours) {
+  if (!result.is_contiguous()) {
+    ours4.copy_(result);
+    return ours;
+  }
+  return result.view(ours.sizes());
+}
+
 at::Tensor conv2d_cpu(
     const at::Tensor& input,
     const at::Tensor& weight,
@@ -878,11 +945,23 @@ at::Tensor conv2d_cpu(
   Conv2dForwardSetup setup = conv2d_forward_setup(
       input, weight, bias, stride, padding, dilation, groups, pad_same, {at::kFloat, at::kDouble}, "CPU");
   if (setup.out.numel() == 0) return setup.out;
-  check_buffer_sizes(setup.shape);
+  const Conv2dShape& s = setup.shape;
+  check_buffer_sizes(s);
+  at::Tensor aten_out;
+  std::string route;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d", [&] {
-    conv2d_forward_impl<scalar_t>(setup.input4, weight, bias, setup.shape, setup.out4);
+    const auto run = [&](const std::string& name) {
+      if (name == "aten") {
+        aten_out = at::convolution(
+            setup.input4, weight, bias, conv_stride(s), conv_padding(s), conv_dilation(s), false, {0, 0}, groups);
+      } else {
+        conv2d_forward_impl<scalar_t>(name, setup.input4, weight, bias, s, setup.out4);
+      }
+    };
+    route = cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kForward, pad_same), run);
+    run(route);
   });
-  return setup.out;
+  return route == "aten" ? adopt(aten_out, setup.out4, setup.out) : setup.out;
 }
 
 // grad_input: the direct convolution of grad_output, zero-stuffed by the
@@ -890,12 +969,13 @@ at::Tensor conv2d_cpu(
 // channel-swapped kernel, stride 1, the same dilation.
 template <typename scalar_t>
 void input_grad_impl(
-    const at::Tensor& grad4, const at::Tensor& weight, const Conv2dShape& s, at::Tensor& grad_input4) {
+    const std::string& route, const at::Tensor& grad4, const at::Tensor& weight, const Conv2dShape& s,
+    at::Tensor& grad_input4) {
   const int64_t src_h = s.in_h + (s.kernel_h - 1) * s.dilation_h;
   const int64_t src_w = s.in_w + (s.kernel_w - 1) * s.dilation_w;
   const int64_t offset_h = (s.kernel_h - 1) * s.dilation_h - s.pad_top;
   const int64_t offset_w = (s.kernel_w - 1) * s.dilation_w - s.pad_left;
-  if (depthwise(s)) {
+  if (route == "depthwise") {
     const at::Tensor packed = pack_depthwise_weights<scalar_t>(weight, /*transposed=*/true);
     run_depthwise_conv(DepthwiseConv<scalar_t>{
         PaddedPlanes<scalar_t>(grad4, offset_h, offset_w, s.stride_h, s.stride_w), src_w, s.batch, s.in_channels,
@@ -903,8 +983,7 @@ void input_grad_impl(
         nullptr, grad_input4.mutable_data_ptr<scalar_t>()});
     return;
   }
-  if (use_planar<scalar_t>(
-          s.in_channels_per_group(), s.out_channels_per_group() * s.kernel_h * s.kernel_w, 1, 1)) {
+  if (route == "planar") {
     const at::Tensor packed = pack_planar_weights<scalar_t>(weight, s, /*transposed=*/true);
     PlanarConv<scalar_t> a{
         PaddedPlanes<scalar_t>(grad4, offset_h, offset_w, s.stride_h, s.stride_w), src_w, s.batch,
@@ -1228,6 +1307,30 @@ void bias_grad_impl(const at::Tensor& grad4, at::Tensor& grad_bias) {
   });
 }
 
+// grad_weight and grad_bias (each where not null) by one of our routes.
+template <typename scalar_t>
+void weight_grad_route(
+    const std::string& route, const at::Tensor& input4, const at::Tensor& grad4, const Conv2dShape& s,
+    at::Tensor* grad_weight, at::Tensor* grad_bias) {
+  if (route == "depthwise") {
+    depthwise_weight_grad_impl<scalar_t>(input4, grad4, s, grad_weight, grad_bias);
+    return;
+  }
+  // The planar shapes (few channels): grad_output in NHWC would be mostly
+  // padding lanes, and its copy would cost more than the arithmetic.
+  if (route == "planar") {
+    planar_weight_grad_impl<scalar_t>(input4, grad4, s, grad_weight, grad_bias);
+    return;
+  }
+  if (grad_weight != nullptr) {
+    const int64_t cout_g_padded = round_up(s.out_channels_per_group(), lanes<scalar_t>());
+    at::Tensor keep_alive;
+    const scalar_t* grad_nhwc = grad_output_nhwc<scalar_t>(grad4, s, cout_g_padded, keep_alive);
+    weight_grad_impl<scalar_t>(input4, grad_nhwc, cout_g_padded, s, *grad_weight);
+  }
+  if (grad_bias != nullptr) bias_grad_impl<scalar_t>(grad4, *grad_bias);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const at::Tensor& grad_output,
     const at::Tensor& input,
@@ -1249,28 +1352,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   check_buffer_sizes(s);
   const at::Tensor& grad4 = setup.grad4;
   const at::Tensor& input4 = setup.input4;
+  // torch's backward for the "aten" route, computing the gradients `mask` asks for.
+  const auto aten_backward = [&](std::array<bool, 3> mask) {
+    const std::vector<int64_t> bias_sizes{s.out_channels};
+    return at::convolution_backward(
+        grad4, input4, weight, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, conv_stride(s),
+        conv_padding(s), conv_dilation(s), false, {0, 0}, groups, mask);
+  };
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_backward", [&] {
-    if (output_mask[0] && grad_input.numel() > 0) input_grad_impl<scalar_t>(grad4, weight, s, setup.grad_input4);
-    if ((output_mask[1] || output_mask[2]) && depthwise(s)) {
-      depthwise_weight_grad_impl<scalar_t>(
-          input4, grad4, s, output_mask[1] ? &grad_weight : nullptr, output_mask[2] ? &grad_bias : nullptr);
+    if (output_mask[0] && grad_input.numel() > 0) {
+      at::Tensor aten_grad_input;
+      const auto run = [&](const std::string& route) {
+        if (route == "aten") {
+          aten_grad_input = std::get<0>(aten_backward({true, false, false}));
+        } else {
+          input_grad_impl<scalar_t>(route, grad4, weight, s, setup.grad_input4);
+        }
+      };
+      const std::string route = cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same), run);
+      run(route);
+      if (route == "aten") grad_input = adopt(aten_grad_input, setup.grad_input4, grad_input);
+    }
+    at::Tensor* wanted_weight = output_mask[1] ? &grad_weight : nullptr;
+    at::Tensor* wanted_bias = output_mask[2] ? &grad_bias : nullptr;
+    if (!output_mask[1]) {
+      // The bias gradient alone is one pass over grad_output: nothing to time.
+      if (output_mask[2])
+        weight_grad_route<scalar_t>(
+            conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad), input4, grad4, s, nullptr, wanted_bias);
       return;
     }
-    // The shapes of the planar forward (few channels) take the planar weight
-    // gradient too: there grad_output in NHWC would be mostly padding lanes,
-    // and its copy would cost more than the arithmetic.
-    if ((output_mask[1] || output_mask[2]) && planar_forward<scalar_t>(s)) {
-      planar_weight_grad_impl<scalar_t>(
-          input4, grad4, s, output_mask[1] ? &grad_weight : nullptr, output_mask[2] ? &grad_bias : nullptr);
-      return;
+    at::Tensor aten_grad_weight, aten_grad_bias;
+    const auto run = [&](const std::string& route) {
+      if (route == "aten") {
+        std::tie(std::ignore, aten_grad_weight, aten_grad_bias) = aten_backward({false, true, output_mask[2]});
+      } else {
+        weight_grad_route<scalar_t>(route, input4, grad4, s, wanted_weight, wanted_bias);
+      }
+    };
+    const std::string route = cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same), run);
+    run(route);
+    if (route == "aten") {
+      grad_weight = adopt(aten_grad_weight, grad_weight, grad_weight);
+      if (output_mask[2]) grad_bias = adopt(aten_grad_bias, grad_bias, grad_bias);
     }
-    if (output_mask[1]) {
-      const int64_t cout_g_padded = round_up(s.out_channels_per_group(), lanes<scalar_t>());
-      at::Tensor keep_alive;
-      const scalar_t* grad_nhwc = grad_output_nhwc<scalar_t>(grad4, s, cout_g_padded, keep_alive);
-      weight_grad_impl<scalar_t>(input4, grad_nhwc, cout_g_padded, s, grad_weight);
-    }
-    if (output_mask[2]) bias_grad_impl<scalar_t>(grad4, grad_bias);
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -63,10 +63,15 @@ std::string cpu_model() {
   return "unknown CPU";
 }
 
+// Bumped when the routes or the conditions of their timing change, so that
+// files of earlier choices are left alone (2: conv2d's routes; timings with
+// lightning_hw.allocation's malloc settings).
+constexpr int kChoicesVersion = 2;
+
 // What makes timings comparable: the CPU, our kernel variant, torch (its BLAS).
 const std::string& fingerprint() {
-  static const std::string text =
-      cpu_model() + " | " + cpu_isa_name() + " | torch " + std::string(TORCH_VERSION);
+  static const std::string text = cpu_model() + " | " + cpu_isa_name() + " | torch " + std::string(TORCH_VERSION) +
+                                  " | choices v" + std::to_string(kChoicesVersion);
   return text;
 }
 
