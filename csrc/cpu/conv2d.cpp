@@ -1360,39 +1360,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
         conv_padding(s), conv_dilation(s), false, {0, 0}, groups, mask);
   };
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_backward", [&] {
-    if (output_mask[0] && grad_input.numel() > 0) {
-      at::Tensor aten_grad_input;
-      const auto run = [&](const std::string& route) {
-        if (route == "aten") {
-          aten_grad_input = std::get<0>(aten_backward({true, false, false}));
-        } else {
-          input_grad_impl<scalar_t>(route, grad4, weight, s, setup.grad_input4);
-        }
-      };
-      const std::string route = cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same), run);
-      run(route);
-      if (route == "aten") grad_input = adopt(aten_grad_input, setup.grad_input4, grad_input);
-    }
-    at::Tensor* wanted_weight = output_mask[1] ? &grad_weight : nullptr;
-    at::Tensor* wanted_bias = output_mask[2] ? &grad_bias : nullptr;
-    if (!output_mask[1]) {
-      // The bias gradient alone is one pass over grad_output: nothing to time.
-      if (output_mask[2])
-        weight_grad_route<scalar_t>(
-            conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad), input4, grad4, s, nullptr, wanted_bias);
-      return;
-    }
-    at::Tensor aten_grad_weight, aten_grad_bias;
-    const auto run = [&](const std::string& route) {
+    at::Tensor aten_grad_input, aten_grad_weight, aten_grad_bias;  // the "aten" routes' results
+    const auto run_input_grad = [&](const std::string& route) {
+      if (route == "aten") {
+        aten_grad_input = std::get<0>(aten_backward({true, false, false}));
+      } else {
+        input_grad_impl<scalar_t>(route, grad4, weight, s, setup.grad_input4);
+      }
+    };
+    const auto run_weight_grad = [&](const std::string& route) {
       if (route == "aten") {
         std::tie(std::ignore, aten_grad_weight, aten_grad_bias) = aten_backward({false, true, output_mask[2]});
       } else {
-        weight_grad_route<scalar_t>(route, input4, grad4, s, wanted_weight, wanted_bias);
+        weight_grad_route<scalar_t>(
+            route, input4, grad4, s, output_mask[1] ? &grad_weight : nullptr, output_mask[2] ? &grad_bias : nullptr);
       }
     };
-    const std::string route = cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same), run);
-    run(route);
-    if (route == "aten") {
+    const std::string input_route =
+        output_mask[0] && grad_input.numel() > 0
+            ? cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same), run_input_grad)
+            : "";
+    // The bias gradient alone is one pass over grad_output: nothing to time.
+    std::string weight_route;
+    if (output_mask[1]) {
+      weight_route =
+          cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same), run_weight_grad);
+    } else if (output_mask[2]) {
+      weight_route = conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad);
+    }
+    if (input_route == "aten" && weight_route == "aten") {
+      // One call for both, as torch.nn makes it: torch shares its work on grad_output between them.
+      std::tie(aten_grad_input, aten_grad_weight, aten_grad_bias) = aten_backward({true, true, output_mask[2]});
+    } else {
+      if (!input_route.empty()) run_input_grad(input_route);
+      if (!weight_route.empty()) run_weight_grad(weight_route);
+    }
+    if (input_route == "aten") grad_input = adopt(aten_grad_input, setup.grad_input4, grad_input);
+    if (weight_route == "aten") {
       grad_weight = adopt(aten_grad_weight, grad_weight, grad_weight);
       if (output_mask[2]) grad_bias = adopt(aten_grad_bias, grad_bias, grad_bias);
     }
