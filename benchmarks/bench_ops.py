@@ -14,8 +14,9 @@ on every call); loading lightning_hw.ops fixes glibc's malloc thresholds, which
 keeps torch in its fast mode in every process (lightning_hw/allocation.py; the
 header says whether it applied). To make sure, the script runs itself
 --processes times (3), one process after another, and keeps per case and mode
-the fastest torch and the fastest ours over all of them: torch at its best. "torch f+b spread" is torch's slowest process's
-f+b time over its fastest's: well above 1 where a process caught torch's slow mode
+the fastest torch and the fastest ours over all of them: torch at its best.
+"torch f+b spread" is torch's slowest process's f+b time over its fastest's:
+well above 1 where a process caught torch's slow mode
 (or other jobs slowed one process down; see the load average). "x" is torch's
 time over ours: above 1 means ours is faster. Our GFLOP/s (3x the forward's
 flops for f+b) carry their share of the float32 FMA peak (benchmarks/fma_peak.c),
@@ -340,7 +341,7 @@ def header_lines(args, peak: tuple[str, float] | None, load_at_start: float, loa
             "ours likewise",
             "# torch f+b spread: torch's slowest process's f+b time / its fastest's (a slow mode, or other jobs)",
         ]
-    lines.append(f"# glibc malloc: {allocation.tuning()} (lightning_hw/allocation.py: torch's fast mode in every process)")
+    lines.append(f"# glibc malloc (lightning_hw/allocation.py; on: torch's fast mode in every process): {allocation.tuning()}")
     lines.append(
         f"# load average (1 min): {load_at_start:.2f} at start, {load_at_end:.2f} at end (other jobs distort the times)"
     )

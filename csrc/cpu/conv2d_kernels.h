@@ -30,6 +30,20 @@ inline void store_vec(void* p, const V& v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
 
+// A register tile's starting sums: acc[p][j] = native vector j of init for
+// every pixel p (the bias), or zero without init. Always inlined, so that acc
+// stays in registers.
+template <typename scalar_t, typename V, int P, int N>
+__attribute__((always_inline)) inline void start_tile(V (&acc)[P][N], const scalar_t* init) {
+  constexpr int L = NativeVec<scalar_t>::lanes;
+#pragma GCC unroll 16
+  for (int j = 0; j < N; ++j) {
+    const V start = init ? load_vec<V>(init + j * L) : V{};
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) acc[p][j] = start;
+  }
+}
+
 // Output tile of P pixels x NV vectors of output channels, accumulated in
 // registers: for every kernel tap k and reduced channel c, NV weight vectors
 // are loaded once and multiplied by P broadcast input scalars (P*NV FMAs for
@@ -51,12 +65,7 @@ void conv_tile(
   constexpr int L = NativeVec<scalar_t>::lanes;
   constexpr int N = NV * kPieces;  // native vectors of output channels
   V acc[P][N];
-#pragma GCC unroll 16
-  for (int j = 0; j < N; ++j) {
-    const V start = init ? load_vec<V>(init + j * L) : V{};
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) acc[p][j] = start;
-  }
+  start_tile(acc, init);
   for (int64_t k = 0; k < taps; ++k) {
     const scalar_t* src[P];
 #pragma GCC unroll 16

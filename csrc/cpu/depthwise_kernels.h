@@ -29,12 +29,7 @@ void dw_conv_tile(
   constexpr int L = NativeVec<scalar_t>::lanes;
   constexpr int N = kPieces;  // native vectors per 64-byte vector
   V acc[P][N];
-#pragma GCC unroll 16
-  for (int j = 0; j < N; ++j) {
-    const V start = init ? load_vec<V>(init + j * L) : V{};
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) acc[p][j] = start;
-  }
+  start_tile(acc, init);
   const scalar_t* base[P];
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) base[p] = src + pixel_offset[p];
