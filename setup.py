@@ -105,7 +105,7 @@ def _extensions():
     torch, with_cuda, cuda_home, cuda_sources = _build_config()
     import torch.utils.cpp_extension as cpp_extension
 
-    cpu_sources = ["csrc/lightning_hw.cpp"] + _sources("cpu/*.cpp")
+    cpu_sources = ["csrc/lightning_hw.cpp", "csrc/autocast.cpp"] + _sources("cpu/*.cpp")
     debug = _env_flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fopenmp at compile and link: without it at::parallel_for runs on one thread.

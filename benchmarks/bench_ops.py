@@ -175,19 +175,28 @@ def measured_fma_peak(threads: int) -> tuple[str, float] | None:
     return runs[0][0], max(float(gflops) for _, _, gflops in runs)
 
 
-def median_ms(fn, inputs, threads, min_run_time, backward):
+def median_ms(fn, inputs, threads, min_run_time, backward, autocast_dtype=None):
+    """Median ms of fn on copies of inputs (forward, or forward+backward to every input);
+    under torch.autocast(device, autocast_dtype) where that is given, as a mixed-precision
+    training step runs it: float32 inputs, cast by autocast on every call."""
     leaves = [t.detach().clone().requires_grad_(backward) for t in inputs]
+    device = inputs[0].device.type
+
+    def forward():
+        with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return fn(*leaves)
+
     if backward:
-        grad = torch.randn_like(fn(*leaves))
+        grad = torch.randn_like(forward())
 
         def step():
-            torch.autograd.grad(fn(*leaves), leaves, grad)
+            torch.autograd.grad(forward(), leaves, grad)
 
     else:
 
         def step():
             with torch.no_grad():
-                fn(*leaves)
+                forward()
 
     step()  # warm-up: first-call allocations and weight re-layouts stay out
     timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=threads)
@@ -197,7 +206,7 @@ def median_ms(fn, inputs, threads, min_run_time, backward):
 MODES = (("fwd", False), ("fwd+bwd", True))
 
 
-def measure_cases(cases, make_fns, device, dtype, threads, min_run_time, rounds):
+def measure_cases(cases, make_fns, device, dtype, threads, min_run_time, rounds, autocast_dtype=None):
     """Rows of {case, batch, flops (forward's), fwd and fwd+bwd: {torch, ours} ms}; a
     progress line per case goes to stderr."""
     rows = []
@@ -209,8 +218,8 @@ def measure_cases(cases, make_fns, device, dtype, threads, min_run_time, rounds)
             # so a noisy moment (or torch's allocator warming up) hurts neither.
             t_torch = t_ours = float("inf")
             for _ in range(rounds):
-                t_torch = min(t_torch, median_ms(theirs, inputs, threads, min_run_time, backward))
-                t_ours = min(t_ours, median_ms(ours, inputs, threads, min_run_time, backward))
+                t_torch = min(t_torch, median_ms(theirs, inputs, threads, min_run_time, backward, autocast_dtype))
+                t_ours = min(t_ours, median_ms(ours, inputs, threads, min_run_time, backward, autocast_dtype))
             row[mode] = {"torch": t_torch, "ours": t_ours}
         rows.append(row)
         times = ", ".join(f"{mode} {row[mode]['torch']:.3f}/{row[mode]['ours']:.3f}" for mode, _ in MODES)
@@ -220,6 +229,10 @@ def measure_cases(cases, make_fns, device, dtype, threads, min_run_time, rounds)
 
 # --only's groups of cases: (name, cases, their functions and inputs).
 GROUPS = (("conv", CONV_CASES, conv_fns), ("backbone", BACKBONE_CASES, conv_fns), ("linear", LINEAR_CASES, linear_fns))
+
+
+def autocast_dtype(args) -> torch.dtype | None:
+    return getattr(torch, args.autocast) if args.autocast else None
 
 
 def measure(args) -> dict:
@@ -232,7 +245,9 @@ def measure(args) -> dict:
     rows = []
     for group, cases, make_fns in GROUPS:
         if args.only in (None, group):
-            rows += measure_cases(cases, make_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds)
+            rows += measure_cases(
+                cases, make_fns, args.device, dtype, args.threads, args.min_run_time, args.rounds, autocast_dtype(args)
+            )
     # Which CPU route our ops timed (or read from the cache) and chose per shape (csrc/cpu/route_choice.h).
     routes = sorted(torch.ops.lightning_hw.route_choices()) if args.device == "cpu" else []
     return {"rows": rows, "routes": routes}
@@ -319,7 +334,9 @@ def header_lines(args, peak: tuple[str, float] | None, load_at_start: float, loa
     """The report's header: what ran where, and how the best times were obtained."""
     torch_build = f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()})"
     lines = [
-        f"# lightning_hw ops vs torch on {args.device}, {args.dtype}; x = torch time / our time (above 1: ours faster)",
+        f"# lightning_hw ops vs torch on {args.device}, {args.dtype}"
+        + (f" under torch.autocast({args.device!r}, {args.autocast})" if args.autocast else "")
+        + "; x = torch time / our time (above 1: ours faster)",
         f"# machine: {cpu_model()}; flags: {' '.join(cpu_flags()) or 'none of ' + ' '.join(KERNEL_FLAGS)}; "
         f"{args.threads} threads; {torch_build}",
     ]
@@ -359,6 +376,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best median counts")
     parser.add_argument(
         "--processes", type=int, default=3, help="processes run one after another; the fastest counts (1: this one)"
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=["bfloat16", "float16"],
+        help="both sides under torch.autocast in this dtype, on --dtype inputs (float32: a mixed-precision step)",
     )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in torch's CUDA kernels")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")

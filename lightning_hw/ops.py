@@ -177,29 +177,5 @@ torch.library.register_autograd(
     "lightning_hw::linear_relu_backward", _refuse_double_backward("linear_relu"), setup_context=_no_context
 )
 
-# Mixed precision on CPU: the CPU kernels compute in float32 (or float64), so
-# autocast hands them float32 inputs.
-for _name in ("conv2d", "linear_relu"):
-    torch.library.register_autocast(f"lightning_hw::{_name}", "cpu", torch.float32)
-
-# Mixed precision on CUDA: the kernels take float16 and bfloat16 (accumulating in
-# float32), so autocast hands them its own dtype, read at call time
-# (register_autocast would fix one dtype at registration).
-_autocast_cuda = torch.library.Library("lightning_hw", "IMPL")
-
-
-def _cuda_autocast_kernel(op):
-    def kernel(keyset, *args):
-        dtype = torch.get_autocast_dtype("cuda")
-        cast = [
-            arg.to(dtype) if isinstance(arg, torch.Tensor) and arg.is_cuda and arg.is_floating_point() else arg
-            for arg in args
-        ]
-        with torch.autocast("cuda", enabled=False):
-            return op(*cast)
-
-    return kernel
-
-
-for _name in ("conv2d", "linear_relu"):
-    _autocast_cuda.impl(_name, _cuda_autocast_kernel(getattr(_ops, _name).default), "AutocastCUDA", with_keyset=True)
+# Mixed precision (torch.autocast, CPU and CUDA): C++ kernels in csrc/autocast.cpp
+# cast the operands to the autocast dtype read at call time.

@@ -60,6 +60,7 @@
 
 #include "checks.h"
 #include "conv2d_geometry.h"
+#include "cpu/precision.h"
 #include "cpu/route_choice.h"
 #include "cpu/tile_kernels.h"
 #include "cpu/workspace.h"
@@ -897,13 +898,14 @@ bool aten_can_run(const Conv2dShape& s, bool pad_same) {
   return !pad_same || (((s.kernel_h - 1) * s.dilation_h) % 2 == 0 && ((s.kernel_w - 1) * s.dilation_w) % 2 == 0);
 }
 
+// `dtype` is the op's (our kernels compute in scalar_t, see cpu/precision.h).
 template <typename scalar_t>
-cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_same) {
+cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_same, at::ScalarType dtype) {
   static constexpr const char* kOps[] = {"conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"};
   cpu::RouteQuery query;
   query.op = kOps[static_cast<int>(part)];
   query.shape = c10::str(
-      c10::toString(c10::CppTypeToScalarType<scalar_t>::value), " ", s.batch, "x", s.in_channels, "x", s.in_h, "x",
+      c10::toString(dtype), " ", s.batch, "x", s.in_channels, "x", s.in_h, "x",
       s.in_w, " out ", s.out_channels, "x", s.out_h, "x", s.out_w, " k", s.kernel_h, "x", s.kernel_w, " s",
       s.stride_h, "x", s.stride_w, " p", s.pad_top, "x", s.pad_left, " d", s.dilation_h, "x", s.dilation_w, " g",
       s.groups);
@@ -913,7 +915,7 @@ cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_s
   // ones (whose rule is a threshold), not against depthwise (one useful lane
   // in a vector there).
   if (query.fallback == "planar") query.candidates.push_back("direct");
-  if (aten_can_run(s, pad_same)) query.candidates.push_back("aten");
+  if (aten_can_run(s, pad_same) && cpu::torch_kernels_accumulate_in_float(dtype)) query.candidates.push_back("aten");
   query.flops = 2.0 * double(s.batch) * double(s.out_channels) * double(s.out_h * s.out_w) *
                 double(s.in_channels_per_group() * s.kernel_h * s.kernel_w);
   return query;
@@ -943,22 +945,26 @@ at::Tensor conv2d_cpu(
     int64_t groups,
     bool pad_same) {
   Conv2dForwardSetup setup = conv2d_forward_setup(
-      input, weight, bias, stride, padding, dilation, groups, pad_same, {at::kFloat, at::kDouble}, "CPU");
+      input, weight, bias, stride, padding, dilation, groups, pad_same, cpu::kCpuDtypes, "CPU");
   if (setup.out.numel() == 0) return setup.out;
   const Conv2dShape& s = setup.shape;
   check_buffer_sizes(s);
   at::Tensor aten_out;
   std::string route;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d", [&] {
+  AT_DISPATCH_FLOATING_TYPES(cpu::compute_dtype(input.scalar_type()), "lightning_hw::conv2d", [&] {
     const auto run = [&](const std::string& name) {
       if (name == "aten") {
         aten_out = at::convolution(
             setup.input4, weight, bias, conv_stride(s), conv_padding(s), conv_dilation(s), false, {0, 0}, groups);
       } else {
-        conv2d_forward_impl<scalar_t>(name, setup.input4, weight, bias, s, setup.out4);
+        at::Tensor out4 = cpu::compute_buffer(setup.out4);
+        conv2d_forward_impl<scalar_t>(
+            name, cpu::in_compute_dtype(setup.input4), cpu::in_compute_dtype(weight), cpu::in_compute_dtype(bias), s,
+            out4);
+        cpu::store_result(setup.out4, out4);
       }
     };
-    route = cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kForward, pad_same), run);
+    route = cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kForward, pad_same, input.scalar_type()), run);
     run(route);
   });
   return route == "aten" ? adopt(aten_out, setup.out4, setup.out) : setup.out;
@@ -1343,7 +1349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     std::array<bool, 3> output_mask) {
   Conv2dBackwardSetup setup = conv2d_backward_setup(
       grad_output, input, weight, stride, padding, dilation, groups, pad_same, output_mask,
-      {at::kFloat, at::kDouble}, "CPU");
+      cpu::kCpuDtypes, "CPU");
   const Conv2dShape& s = setup.shape;
   at::Tensor& grad_input = setup.grad_input;
   at::Tensor& grad_weight = setup.grad_weight;
@@ -1359,32 +1365,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
         grad4, input4, weight, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, conv_stride(s),
         conv_padding(s), conv_dilation(s), false, {0, 0}, groups, mask);
   };
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(cpu::compute_dtype(input.scalar_type()), "lightning_hw::conv2d_backward", [&] {
     at::Tensor aten_grad_input, aten_grad_weight, aten_grad_bias;  // the "aten" routes' results
     const auto run_input_grad = [&](const std::string& route) {
       if (route == "aten") {
         aten_grad_input = std::get<0>(aten_backward({true, false, false}));
       } else {
-        input_grad_impl<scalar_t>(route, grad4, weight, s, setup.grad_input4);
+        at::Tensor grad_input4 = cpu::compute_buffer(setup.grad_input4);
+        input_grad_impl<scalar_t>(route, cpu::in_compute_dtype(grad4), cpu::in_compute_dtype(weight), s, grad_input4);
+        cpu::store_result(setup.grad_input4, grad_input4);
       }
     };
     const auto run_weight_grad = [&](const std::string& route) {
       if (route == "aten") {
         std::tie(std::ignore, aten_grad_weight, aten_grad_bias) = aten_backward({false, true, output_mask[2]});
       } else {
+        at::Tensor weight_buffer = cpu::compute_buffer(grad_weight), bias_buffer = cpu::compute_buffer(grad_bias);
         weight_grad_route<scalar_t>(
-            route, input4, grad4, s, output_mask[1] ? &grad_weight : nullptr, output_mask[2] ? &grad_bias : nullptr);
+            route, cpu::in_compute_dtype(input4), cpu::in_compute_dtype(grad4), s,
+            output_mask[1] ? &weight_buffer : nullptr, output_mask[2] ? &bias_buffer : nullptr);
+        cpu::store_result(grad_weight, weight_buffer);
+        cpu::store_result(grad_bias, bias_buffer);
       }
     };
     const std::string input_route =
         output_mask[0] && grad_input.numel() > 0
-            ? cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same), run_input_grad)
+            ? cpu::choose_route(
+                  conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same, input.scalar_type()), run_input_grad)
             : "";
     // The bias gradient alone is one pass over grad_output: nothing to time.
     std::string weight_route;
     if (output_mask[1]) {
       weight_route =
-          cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same), run_weight_grad);
+          cpu::choose_route(
+          conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same, input.scalar_type()), run_weight_grad);
     } else if (output_mask[2]) {
       weight_route = conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad);
     }

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/precision.h"
 #include "cpu/route_choice.h"
 #include "cpu/tile_kernels.h"
 #include "cpu/workspace.h"
@@ -23,8 +24,6 @@
 
 namespace lightning_hw {
 namespace {
-
-constexpr at::ScalarType kCpuDtypes[] = {at::kFloat, at::kDouble};
 
 // Which GEMMs take the tile kernels (rows x two vectors of columns per tile,
 // the whole reduction in one pass, so a packed block of weights, reduce x two
@@ -433,16 +432,17 @@ void bias_relu_inplace(scalar_t* out, const scalar_t* bias, int64_t rows, int64_
 // The routes that can run a GEMM of this shape, and the built-in rule's pick.
 // The tiles reduce over `tile_reduce` features and the rule gives them shapes
 // of at least `tile_min_rows` rows (or few outputs); `streamed_ok` is false
-// where the streamed route cannot run whatever the shape.
+// where the streamed route cannot run whatever the shape. `dtype` is the op's
+// (our kernels compute in scalar_t, see cpu/precision.h).
 template <typename scalar_t>
 cpu::RouteQuery route_query(
-    const std::string& op, int64_t rows, int64_t in_features, int64_t out_features, int64_t tile_reduce,
-    int64_t tile_min_rows, bool streamed_ok) {
+    const std::string& op, at::ScalarType dtype, int64_t rows, int64_t in_features, int64_t out_features,
+    int64_t tile_reduce, int64_t tile_min_rows, bool streamed_ok) {
   const bool streamed = streamed_ok && streamed_can_run(rows, out_features);
   const bool tiles = tiles_can_run<scalar_t>(rows, tile_reduce);
   cpu::RouteQuery query;
   query.op = op;
-  query.shape = std::string(c10::toString(c10::CppTypeToScalarType<scalar_t>::value)) + " " + std::to_string(rows) +
+  query.shape = std::string(c10::toString(dtype)) + " " + std::to_string(rows) +
                 "x" + std::to_string(in_features) + "x" + std::to_string(out_features);
   if (streamed) query.candidates.push_back("streamed");
   if (tiles) query.candidates.push_back("tiles");
@@ -483,25 +483,48 @@ void linear_relu_forward_route(
   }
 }
 
+// The "blas" route of a bfloat16 or float16 op: torch's GEMM in that dtype
+// where it accumulates in float32, else (as for float32) float32 BLAS on
+// float32 copies (cpu/precision.h).
+bool blas_in_reduced_dtype(at::ScalarType dtype) {
+  return cpu::reduced_precision(dtype) && cpu::torch_kernels_accumulate_in_float(dtype);
+}
+
 at::Tensor linear_relu_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  check_linear_relu_operands(input, weight, bias, kCpuDtypes, "CPU");
+  check_linear_relu_operands(input, weight, bias, cpu::kCpuDtypes, "CPU");
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
   const at::Tensor x = as_rows(input, in_features).contiguous();
   const at::Tensor w = weight.contiguous();
   const int64_t rows = x.size(0);
+  const at::ScalarType dtype = input.scalar_type();
   at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, out_features}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
-    const scalar_t* bias_data = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(cpu::compute_dtype(dtype), "linear_relu_cpu", [&] {
     // The streamed forward sums its reduction chunk by chunk into partial
     // sums that an empty reduction would leave unwritten: no input features
     // go to the tiles or BLAS, whose empty sums are zero.
     const auto query = route_query<scalar_t>(
-        "linear_relu_forward", rows, in_features, out_features, in_features, kTileMinRowsForward, in_features > 0);
+        "linear_relu_forward", dtype, rows, in_features, out_features, in_features, kTileMinRowsForward,
+        in_features > 0);
     const auto run = [&](const std::string& route) {
-      linear_relu_forward_route<scalar_t>(route, x, w, bias_data, out);
+      if (route == "blas" && blas_in_reduced_dtype(dtype)) {
+        // torch's own linear in this dtype: the bias added before the one rounding.
+        if (bias_c.defined()) {
+          at::addmm_out(out, bias_c, x, w.t());
+        } else {
+          at::mm_out(out, x, w.t());
+        }
+        out.relu_();
+        return;
+      }
+      const at::Tensor bias_compute = bias_c.defined() ? cpu::in_compute_dtype(bias_c) : at::Tensor();
+      at::Tensor out_compute = cpu::compute_buffer(out);
+      linear_relu_forward_route<scalar_t>(
+          route, cpu::in_compute_dtype(x), cpu::in_compute_dtype(w),
+          bias_compute.defined() ? bias_compute.const_data_ptr<scalar_t>() : nullptr, out_compute);
+      cpu::store_result(out, out_compute);
     };
     run(cpu::choose_route(query, run));
   });
@@ -591,33 +614,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     const at::Tensor& input,
     const at::Tensor& weight,
     std::array<bool, 3> output_mask) {
-  check_linear_relu_backward_operands(grad_output, output, input, weight, kCpuDtypes, "CPU");
+  check_linear_relu_backward_operands(grad_output, output, input, weight, cpu::kCpuDtypes, "CPU");
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
-  const at::Tensor grad_2d = as_rows(grad_output, out_features).contiguous();
-  const at::Tensor out_2d = as_rows(output, out_features).contiguous();
+  const at::ScalarType dtype = input.scalar_type();
+  const at::Tensor grad_2d = cpu::in_compute_dtype(as_rows(grad_output, out_features).contiguous());
+  const at::Tensor out_2d = cpu::in_compute_dtype(as_rows(output, out_features).contiguous());
   const int64_t rows = grad_2d.size(0);
-  const auto options = grad_2d.options();
+  const auto options = grad_output.options();
   at::Tensor grad_pre = at::empty_like(grad_2d);
   at::Tensor grad_bias = at::empty({output_mask[2] ? out_features : 0}, options);
   at::Tensor grad_input = at::empty({0}, options);
   at::Tensor grad_weight = at::empty({0}, options);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(cpu::compute_dtype(dtype), "linear_relu_backward_cpu", [&] {
+    at::Tensor grad_bias_compute = cpu::compute_buffer(grad_bias);
     relu_mask_and_bias_grad<scalar_t>(
         grad_2d.const_data_ptr<scalar_t>(), out_2d.const_data_ptr<scalar_t>(),
-        grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr,
+        grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias_compute.data_ptr<scalar_t>() : nullptr,
         rows, out_features);
+    cpu::store_result(grad_bias, grad_bias_compute);
     const at::Tensor w = weight.contiguous();
     const at::Tensor x = as_rows(input, in_features).contiguous();
     // The input gradient's tiles reduce over the output features.
     const std::string masks = std::string(output_mask[0] ? "i" : "") + (output_mask[1] ? "w" : "");
     const auto query = route_query<scalar_t>(
-        "linear_relu_backward_" + masks, rows, in_features, out_features, out_features, kTileMinRowsBackward, true);
+        "linear_relu_backward_" + masks, dtype, rows, in_features, out_features, out_features, kTileMinRowsBackward,
+        true);
     const auto run = [&](const std::string& route) {
       if (output_mask[0]) grad_input = at::empty(input.sizes(), options);
       if (output_mask[1]) grad_weight = cpu::recycled_empty(weight.sizes(), options);
+      if (route == "blas" && blas_in_reduced_dtype(dtype)) {
+        // torch's own GEMMs in this dtype; grad_pre holds masked copies of
+        // grad_output's values, so it converts back exactly.
+        const at::Tensor grad_pre_reduced = grad_pre.to(dtype);
+        if (output_mask[0]) {
+          at::Tensor grad_input_2d = grad_input.view({rows, in_features});
+          at::mm_out(grad_input_2d, grad_pre_reduced, w);
+        }
+        if (output_mask[1]) at::mm_out(grad_weight, grad_pre_reduced.t(), x);
+        return;
+      }
+      at::Tensor grad_input_compute = cpu::compute_buffer(grad_input);
+      at::Tensor grad_weight_compute = cpu::compute_buffer(grad_weight);
       linear_relu_backward_route<scalar_t>(
-          route, grad_pre, w, x, output_mask[0] ? &grad_input : nullptr, output_mask[1] ? &grad_weight : nullptr);
+          route, grad_pre, cpu::in_compute_dtype(w), cpu::in_compute_dtype(x),
+          output_mask[0] ? &grad_input_compute : nullptr, output_mask[1] ? &grad_weight_compute : nullptr);
+      cpu::store_result(grad_input, grad_input_compute);
+      cpu::store_result(grad_weight, grad_weight_compute);
     };
     if (output_mask[0] || output_mask[1]) run(cpu::choose_route(query, run));
   });
