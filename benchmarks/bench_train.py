@@ -4,6 +4,7 @@ from torch.nn, in one process.
     python benchmarks/bench_train.py                     # all three models, all cores
     python benchmarks/bench_train.py --model fruit --batch-size 64 --rounds 7
     python benchmarks/bench_train.py --model emotion --images 640 --threads 2
+    python benchmarks/bench_train.py --precision bf16-mixed   # both under torch.autocast("cpu", bfloat16)
 
 Models (lightning_hw.models, their own forward), each with its default images
 per epoch and batch size (--images and --batch-size override them for every
@@ -22,7 +23,9 @@ model run):
 
 The images are generated: only the shapes matter for the time. An epoch is
 forward (train mode: batch norm and dropout active), cross-entropy, backward and
-an SGD step for every batch. The torch.nn model is torch_twin of ours: the same
+an SGD step for every batch; with --precision bf16-mixed (Lightning's name) the
+forward and the loss run under torch.autocast("cpu", torch.bfloat16) with float32
+weights, as a Lightning run with `--trainer.precision bf16-mixed` does. The torch.nn model is torch_twin of ours: the same
 network and weights, with torch.nn's Conv2d and Linear + ReLU in place of our
 modules; both compute the same outputs in eval mode before the timing starts.
 Rounds alternate torch.nn and ours, and the median epoch of each counts.
@@ -48,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_hw.nn as lnn
-from bench_ops import cpu_model  # benchmarks/, on sys.path when this file runs as a script
+from bench_ops import cpu_flags, cpu_model  # benchmarks/, on sys.path when this file runs as a script
 from lightning_hw.models import EmotionCNN, FruitCNN, ImageClassifier, TwoLayerNet
 
 REPORT_SECONDS_PER_EPOCH = 57.0
@@ -130,26 +133,39 @@ def make_batches(images: int, batch_size: int, input_shape, classes: int, seed: 
     return list(zip(x.split(batch_size), y.split(batch_size)))
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> float:
+# --precision: Lightning's names, and the autocast dtype of each (None: float32 throughout).
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16}
+
+
+def autocast(dtype: torch.dtype | None):
+    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, autocast_dtype=None) -> float:
     start = time.perf_counter()
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with autocast(autocast_dtype):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         optimizer.step()
     return time.perf_counter() - start
 
 
-def conv_epoch(conv: nn.Module, batches) -> float:
+def conv_epoch(conv: nn.Module, batches, autocast_dtype=None) -> float:
     """Forward and backward (weight and bias gradients: the input needs none)
     of the convolution layer alone over the epoch's batches."""
     start = time.perf_counter()
     for x, _ in batches:
-        out = conv(x)
+        with autocast(autocast_dtype):
+            out = conv(x)
         torch.autograd.grad(out, (conv.weight, conv.bias), torch.ones_like(out))
     return time.perf_counter() - start
 
 
-def median_times(models: dict[str, nn.Module], batches, rounds: int, lr: float, time_conv: bool):
+def median_times(
+    models: dict[str, nn.Module], batches, rounds: int, lr: float, time_conv: bool, autocast_dtype=None
+):
     """Median seconds per epoch of each model, and with time_conv of its `conv`
     layer alone ({} without); rounds alternate the models."""
     optimizers = {name: torch.optim.SGD(model.parameters(), lr=lr) for name, model in models.items()}
@@ -159,14 +175,14 @@ def median_times(models: dict[str, nn.Module], batches, rounds: int, lr: float, 
     # allocations and our ops' timing of their routes for a new shape stay out.
     warm_up = batches[:1] + batches[-1:]
     for name, model in models.items():
-        train_epoch(model, optimizers[name], warm_up)
+        train_epoch(model, optimizers[name], warm_up, autocast_dtype)
         if time_conv:
-            conv_epoch(model.conv, warm_up)
+            conv_epoch(model.conv, warm_up, autocast_dtype)
     for _ in range(rounds):
         for name, model in models.items():
-            epoch_times[name].append(train_epoch(model, optimizers[name], batches))
+            epoch_times[name].append(train_epoch(model, optimizers[name], batches, autocast_dtype))
             if time_conv:
-                conv_times[name].append(conv_epoch(model.conv, batches))
+                conv_times[name].append(conv_epoch(model.conv, batches, autocast_dtype))
     epoch = {name: statistics.median(times) for name, times in epoch_times.items()}
     conv = {name: statistics.median(times) for name, times in conv_times.items() if times}
     return epoch, conv
@@ -188,6 +204,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median epoch counts")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), default="32", help="bf16-mixed: under CPU autocast to bfloat16"
+    )
     args = parser.parse_args(argv)
     if any(value is not None and value < 1 for value in (args.images, args.batch_size, args.rounds, args.threads)):
         parser.error("--images, --batch-size, --rounds and --threads must be positive")
@@ -195,7 +214,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     # Read before the runs: afterwards the 1-minute average counts this benchmark's own threads.
     print(
-        f"# torch {torch.__version__}, {cpu_model()}, {args.threads} threads; median of {args.rounds} "
+        f"# torch {torch.__version__}, {cpu_model()} ({' '.join(cpu_flags())}), {args.threads} threads; "
+        f"precision {args.precision}; median of {args.rounds} "
         f"alternating rounds; load average {os.getloadavg()[0]:.2f} (other jobs distort the times)"
     )
     runs = {}  # every model built and checked before any timing, so a refusal comes first
@@ -215,7 +235,9 @@ def main(argv=None):
 
     rows, times = [], {}
     for name, (models, batches, images, batch_size) in runs.items():
-        epoch, _ = times[name] = median_times(models, batches, args.rounds, args.lr, time_conv=name == "fruit")
+        epoch, _ = times[name] = median_times(
+            models, batches, args.rounds, args.lr, name == "fruit", PRECISIONS[args.precision]
+        )
         rows.append((
             name, str(images), str(batch_size), f"{epoch['torch.nn']:.4f}", f"{epoch['lightning_hw']:.4f}",
             f"{epoch['torch.nn'] / epoch['lightning_hw']:.2f}",

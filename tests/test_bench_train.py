@@ -64,7 +64,10 @@ def test_torch_twin_refuses_a_subclass_it_cannot_copy():
 def test_tiny_run_prints_a_row_per_model(model, capsys):
     bench_train.main(["--model", model, "--images", "8", "--rounds", "1", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"# torch {torch.__version__}, {bench_train.cpu_model()}, 1 threads;")
+    flags = " ".join(bench_train.cpu_flags())
+    assert lines[0].startswith(
+        f"# torch {torch.__version__}, {bench_train.cpu_model()} ({flags}), 1 threads; precision 32;"
+    )
     header = "| model | images | batch | torch.nn s/epoch | ours s/epoch | x torch.nn |"
     table = lines[lines.index(header) + 2 :]
     expected = MODELS if model == "all" else [model]
@@ -74,6 +77,21 @@ def test_tiny_run_prints_a_row_per_model(model, capsys):
     ]
     report_rows = [line for line in lines if line.startswith(("| torch.nn |", "| lightning_hw |"))]
     assert len(report_rows) == (2 if "fruit" in expected else 0)
+
+
+def test_bf16_mixed_epochs_run_both_models_in_bfloat16(capsys):
+    torch.manual_seed(0)
+    ours = bench_train.WORKLOADS["fruit"].build()
+    twin = bench_train.torch_twin(ours)
+    seen = {}
+    for name, model in (("ours", ours), ("torch.nn", twin)):
+        model.conv.register_forward_hook(lambda module, args, out, name=name: seen.update({name: out.dtype}))
+    batches = bench_train.make_batches(4, 2, ours.input_shape, ours.num_classes, seed=0)
+    bench_train.median_times({"ours": ours, "torch.nn": twin}, batches, 1, 0.01, True, torch.bfloat16)
+    assert seen == {"ours": torch.bfloat16, "torch.nn": torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    bench_train.main(["--model", "fruit", "--images", "4", "--rounds", "1", "--precision", "bf16-mixed"])
+    assert "precision bf16-mixed;" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_a_last_batch_of_one_image_is_refused_for_batch_norm(capsys):
