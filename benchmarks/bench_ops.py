@@ -20,7 +20,9 @@ well above 1 where a process caught torch's slow mode
 (or other jobs slowed one process down; see the load average). "x" is torch's
 time over ours: above 1 means ours is faster. Our GFLOP/s (3x the forward's
 flops for f+b) carry their share of the float32 FMA peak (benchmarks/fma_peak.c),
-measured once before the processes start. Progress goes to stderr; the report,
+or for bfloat16 (--dtype or --autocast) of the CPU's bf16 dot-product peak
+(benchmarks/bf16_peak.c: AMX tiles or AVX512-BF16, where it has them), measured
+once before the processes start. Progress goes to stderr; the report,
 printed at the end, to stdout.
 """
 
@@ -156,23 +158,47 @@ def cpu_flags() -> list[str]:
     return [flag for flag in KERNEL_FLAGS if flag in present]
 
 
-def measured_fma_peak(threads: int) -> tuple[str, float] | None:
-    """(ISA, GFLOP/s) of benchmarks/fma_peak.c on `threads` threads: the float32 FMA peak
-    the figures are a share of. None where no C compiler is found."""
+# The peak probes: benchmarks/fma_peak.c (float32 FMAs) and benchmarks/bf16_peak.c
+# (bfloat16 dot products on AMX tiles or AVX512-BF16; ISA "none" where the CPU has neither).
+PEAK_PROBES = {"float32 FMA": "fma_peak.c", "bfloat16": "bf16_peak.c"}
+
+
+def measured_peak(probe: str, threads: int) -> tuple[str, float] | None:
+    """(ISA, GFLOP/s) of PEAK_PROBES[probe] on `threads` threads. None where no C
+    compiler is found, or the CPU has no unit for it."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
     with tempfile.TemporaryDirectory() as folder:
-        probe = Path(folder) / "fma_peak"
-        source = Path(__file__).with_name("fma_peak.c")
-        subprocess.run([compiler, "-O2", "-fopenmp", str(source), "-o", str(probe)], check=True)
+        probe_binary = Path(folder) / "peak"
+        source = Path(__file__).with_name(PEAK_PROBES[probe])
+        subprocess.run([compiler, "-O2", "-fopenmp", str(source), "-o", str(probe_binary)], check=True)
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         # A peak: the best of a few runs, so a moment of other work does not lower it.
         runs = [
-            subprocess.run([str(probe)], env=environment, capture_output=True, text=True, check=True).stdout.split()
+            subprocess.run([str(probe_binary)], env=environment, capture_output=True, text=True, check=True)
+            .stdout.split()
             for _ in range(3)
         ]
+    if runs[0][0] == "none":
+        return None
     return runs[0][0], max(float(gflops) for _, _, gflops in runs)
+
+
+def measured_peaks(args) -> dict[str, tuple[str, float] | None]:
+    """The peaks the header states, by PEAK_PROBES name: float32 always, bfloat16 too for a
+    bfloat16 run (--dtype or --autocast). The figures' % is of the last one measured that exists:
+    where the CPU has no bf16 unit our bfloat16 routes compute in float32."""
+    names = ["float32 FMA"]
+    if "bfloat16" in (args.dtype, args.autocast):
+        names.append("bfloat16")
+    return {name: measured_peak(name, args.threads) for name in names}
+
+
+def reference_peak(peaks: dict[str, tuple[str, float] | None]) -> tuple[str, tuple[str, float]] | None:
+    """(name, (ISA, GFLOP/s)) of the peak the figures are a share of."""
+    present = [(name, peak) for name, peak in peaks.items() if peak is not None]
+    return present[-1] if present else None
 
 
 def median_ms(fn, inputs, threads, min_run_time, backward, autocast_dtype=None):
@@ -330,7 +356,9 @@ def table_lines(rows: list[dict], peak_gflops: float | None, markdown: bool) -> 
     ]
 
 
-def header_lines(args, peak: tuple[str, float] | None, load_at_start: float, load_at_end: float) -> list[str]:
+def header_lines(
+    args, peaks: dict[str, tuple[str, float] | None], load_at_start: float, load_at_end: float
+) -> list[str]:
     """The report's header: what ran where, and how the best times were obtained."""
     torch_build = f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()})"
     lines = [
@@ -343,12 +371,16 @@ def header_lines(args, peak: tuple[str, float] | None, load_at_start: float, loa
     if args.device == "cuda":
         lines.append(f"# GPU: {torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}")
     else:
-        measured = (
-            f"{peak[1]:.0f} GFLOP/s on {args.threads} threads (benchmarks/fma_peak.c, {peak[0]})"
-            if peak
-            else "not measured (no C compiler: cc, gcc or $CC)"
-        )
-        lines.append(f"# float32 FMA peak: {measured}")
+        for name, peak in peaks.items():
+            measured = (
+                f"{peak[1]:.0f} GFLOP/s on {args.threads} threads (benchmarks/{PEAK_PROBES[name]}, {peak[0]})"
+                if peak
+                else "not measured (no C compiler: cc, gcc or $CC; or no such unit on this CPU)"
+            )
+            lines.append(f"# {name} peak: {measured}")
+        reference = reference_peak(peaks)
+        if reference:
+            lines.append(f"# % peak: of the {reference[0]} peak")
     each = f"best of {args.rounds} alternating medians of >= {args.min_run_time} s"
     if args.processes == 1:
         lines.append(f"# torch and ours: {each}, all in this one process (torch's slow mode not ruled out)")
@@ -395,14 +427,15 @@ def main(argv=None):
         return
     load_at_start = os.getloadavg()[0]
     # Before the processes, not beside them: it would slow them, and they it.
-    peak = measured_fma_peak(args.threads) if args.device == "cpu" else None
+    peaks = measured_peaks(args) if args.device == "cpu" else {}
     results = [measure(args)] if args.processes == 1 else measure_in_processes(argv, args.processes)
     rows = best_of_processes([result["rows"] for result in results])
     routes = sorted(set().union(*(result["routes"] for result in results)))
     load_at_end = os.getloadavg()[0]
 
-    peak_gflops = peak[1] if peak else None
-    print("\n".join(header_lines(args, peak, load_at_start, load_at_end)))
+    reference = reference_peak(peaks)
+    peak_gflops = reference[1][1] if reference else None
+    print("\n".join(header_lines(args, peaks, load_at_start, load_at_end)))
     print("\n".join(table_lines(rows, peak_gflops, markdown=False)))
     for route in routes:
         print("# route: " + route.replace("\t", " "))

@@ -102,3 +102,25 @@ def test_two_processes_report_the_machine_and_one_row_per_linear_case(capsys):
         assert float(spread) >= 1.0
     # The plain table too: one line per case.
     assert [sum(line.startswith(name + " ") for line in lines) for name in names] == [1] * len(names)
+
+
+def test_autocast_run_states_the_bf16_peak_and_times_the_ops_in_bfloat16(capsys):
+    bench_ops.main(
+        ["--processes", "1", "--only", "linear", "--rounds", "1", "--min-run-time", "0.01", "--autocast", "bfloat16"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert "under torch.autocast('cpu', bfloat16)" in lines[0]
+    assert any(line.startswith("# float32 FMA peak: ") for line in lines)
+    bf16_peak = next(line for line in lines if line.startswith("# bfloat16 peak: "))
+    flags = set(bench_ops.cpu_flags())
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        unit = "amx" if "amx_bf16" in flags else "avx512_bf16"
+        assert re.search(rf"\d+ GFLOP/s on \d+ threads \(benchmarks/bf16_peak.c, {unit}\)", bf16_peak)
+        assert "# % peak: of the bfloat16 peak" in lines
+    else:
+        assert "not measured" in bf16_peak and "# % peak: of the float32 FMA peak" in lines
+    # Autocast handed the ops bfloat16: their route choices are keyed by it (the process may
+    # also know float32 choices of earlier calls).
+    for case in bench_ops.LINEAR_CASES:
+        shape = f"BFloat16 {case.batch}x{case.in_features}x{case.out_features}"
+        assert any(line.startswith(f"# route: linear_relu_forward {shape} ") for line in lines), shape

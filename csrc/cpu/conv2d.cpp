@@ -60,6 +60,7 @@
 
 #include "checks.h"
 #include "conv2d_geometry.h"
+#include "cpu/amx.h"
 #include "cpu/precision.h"
 #include "cpu/route_choice.h"
 #include "cpu/tile_kernels.h"
@@ -892,6 +893,18 @@ std::string conv_rule_route(const Conv2dShape& s, ConvPart part) {
   return planar ? "planar" : "direct";
 }
 
+// The "amx" route: bfloat16 on AMX tiles (or their model), one group. The
+// built-in rule gives it the convolutions with channels enough on both sides
+// to fill the tiles' 32-channel steps and 16-channel columns.
+bool amx_can_run(const Conv2dShape& s, at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && cpu::amx::tile_source() != cpu::amx::TileSource::kNone &&
+         cpu::amx::conv_can_run(s);
+}
+
+bool amx_suits(const Conv2dShape& s, at::ScalarType dtype) {
+  return amx_can_run(s, dtype) && s.in_channels >= 16 && s.out_channels >= 16;
+}
+
 // at::convolution pads both sides alike: 'same' padding with an odd span
 // (even kernel extent) is asymmetric, and stays with our kernels.
 bool aten_can_run(const Conv2dShape& s, bool pad_same) {
@@ -909,12 +922,14 @@ cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_s
       s.in_w, " out ", s.out_channels, "x", s.out_h, "x", s.out_w, " k", s.kernel_h, "x", s.kernel_w, " s",
       s.stride_h, "x", s.stride_w, " p", s.pad_top, "x", s.pad_left, " d", s.dilation_h, "x", s.dilation_w, " g",
       s.groups);
-  query.fallback = conv_rule_route<scalar_t>(s, part);
-  query.candidates = {query.fallback};
+  const std::string ours = conv_rule_route<scalar_t>(s, part);  // our float kernels' rule
+  query.candidates = {ours};
   // The direct kernels run every shape; they are timed against the planar
   // ones (whose rule is a threshold), not against depthwise (one useful lane
   // in a vector there).
-  if (query.fallback == "planar") query.candidates.push_back("direct");
+  if (ours == "planar") query.candidates.push_back("direct");
+  if (amx_can_run(s, dtype)) query.candidates.push_back("amx");
+  query.fallback = amx_suits(s, dtype) ? "amx" : ours;
   if (aten_can_run(s, pad_same) && cpu::torch_kernels_accumulate_in_float(dtype)) query.candidates.push_back("aten");
   query.flops = 2.0 * double(s.batch) * double(s.out_channels) * double(s.out_h * s.out_w) *
                 double(s.in_channels_per_group() * s.kernel_h * s.kernel_w);
@@ -956,6 +971,8 @@ at::Tensor conv2d_cpu(
       if (name == "aten") {
         aten_out = at::convolution(
             setup.input4, weight, bias, conv_stride(s), conv_padding(s), conv_dilation(s), false, {0, 0}, groups);
+      } else if (name == "amx") {
+        cpu::amx::conv_forward(setup.input4, weight, bias, s, setup.out4);
       } else {
         at::Tensor out4 = cpu::compute_buffer(setup.out4);
         conv2d_forward_impl<scalar_t>(
@@ -1370,6 +1387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const auto run_input_grad = [&](const std::string& route) {
       if (route == "aten") {
         aten_grad_input = std::get<0>(aten_backward({true, false, false}));
+      } else if (route == "amx") {
+        cpu::amx::conv_input_grad(grad4, weight, s, setup.grad_input4);
       } else {
         at::Tensor grad_input4 = cpu::compute_buffer(setup.grad_input4);
         input_grad_impl<scalar_t>(route, cpu::in_compute_dtype(grad4), cpu::in_compute_dtype(weight), s, grad_input4);
@@ -1379,14 +1398,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const auto run_weight_grad = [&](const std::string& route) {
       if (route == "aten") {
         std::tie(std::ignore, aten_grad_weight, aten_grad_bias) = aten_backward({false, true, output_mask[2]});
-      } else {
-        at::Tensor weight_buffer = cpu::compute_buffer(grad_weight), bias_buffer = cpu::compute_buffer(grad_bias);
-        weight_grad_route<scalar_t>(
-            route, cpu::in_compute_dtype(input4), cpu::in_compute_dtype(grad4), s,
-            output_mask[1] ? &weight_buffer : nullptr, output_mask[2] ? &bias_buffer : nullptr);
-        cpu::store_result(grad_weight, weight_buffer);
-        cpu::store_result(grad_bias, bias_buffer);
+        return;
       }
+      // The tiles take the weight gradient unless the input holds non-finite
+      // values (see amx.h); the bias gradient, one pass over grad_output, and
+      // such a weight gradient go to our float kernels, by their rule.
+      const bool amx_weight = route == "amx" && output_mask[1] && cpu::amx::conv_weight_grad(grad4, input4, s, grad_weight);
+      const std::string ours = route == "amx" ? conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad) : route;
+      const bool weight_by_ours = output_mask[1] && !amx_weight;
+      at::Tensor weight_buffer = cpu::compute_buffer(grad_weight), bias_buffer = cpu::compute_buffer(grad_bias);
+      if (weight_by_ours) {
+        weight_grad_route<scalar_t>(
+            ours, cpu::in_compute_dtype(input4), cpu::in_compute_dtype(grad4), s, &weight_buffer,
+            output_mask[2] ? &bias_buffer : nullptr);
+        cpu::store_result(grad_weight, weight_buffer);
+      } else if (output_mask[2]) {
+        bias_grad_impl<scalar_t>(cpu::in_compute_dtype(grad4), bias_buffer);
+      }
+      cpu::store_result(grad_bias, bias_buffer);
     };
     const std::string input_route =
         output_mask[0] && grad_input.numel() > 0

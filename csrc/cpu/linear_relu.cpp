@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/amx.h"
 #include "cpu/precision.h"
 #include "cpu/route_choice.h"
 #include "cpu/tile_kernels.h"
@@ -447,7 +448,12 @@ cpu::RouteQuery route_query(
   if (streamed) query.candidates.push_back("streamed");
   if (tiles) query.candidates.push_back("tiles");
   query.candidates.push_back("blas");
-  query.fallback = streamed && use_streamed(rows, out_features)                                ? "streamed"
+  // bfloat16 on AMX tiles (or their model): the rule's pick for layers wide
+  // enough to fill the tiles' 32-feature steps and 16-feature columns.
+  const bool amx = dtype == at::kBFloat16 && cpu::amx::tile_source() != cpu::amx::TileSource::kNone;
+  if (amx) query.candidates.push_back("amx");
+  query.fallback = amx && in_features >= 32 && out_features >= 16                             ? "amx"
+                   : streamed && use_streamed(rows, out_features)                             ? "streamed"
                    : use_tiles<scalar_t>(rows, tile_reduce, out_features, tile_min_rows) ? "tiles"
                                                                                              : "blas";
   query.flops = 2.0 * double(rows) * double(in_features) * double(out_features);
@@ -509,6 +515,10 @@ at::Tensor linear_relu_cpu(
         "linear_relu_forward", dtype, rows, in_features, out_features, in_features, kTileMinRowsForward,
         in_features > 0);
     const auto run = [&](const std::string& route) {
+      if (route == "amx") {
+        cpu::amx::linear_forward(x, w, bias_c, out);
+        return;
+      }
       if (route == "blas" && blas_in_reduced_dtype(dtype)) {
         // torch's own linear in this dtype: the bias added before the one rounding.
         if (bias_c.defined()) {
@@ -643,6 +653,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     const auto run = [&](const std::string& route) {
       if (output_mask[0]) grad_input = at::empty(input.sizes(), options);
       if (output_mask[1]) grad_weight = cpu::recycled_empty(weight.sizes(), options);
+      if (route == "amx") {
+        // grad_pre holds masked copies of grad_output's values: exact in bfloat16.
+        const at::Tensor grad_pre_reduced = grad_pre.to(dtype);
+        if (output_mask[0]) {
+          at::Tensor grad_input_2d = grad_input.view({rows, in_features});
+          cpu::amx::linear_input_grad(grad_pre_reduced, w, grad_input_2d);
+        }
+        if (output_mask[1]) cpu::amx::linear_weight_grad(grad_pre_reduced, x, grad_weight);
+        return;
+      }
       if (route == "blas" && blas_in_reduced_dtype(dtype)) {
         // torch's own GEMMs in this dtype; grad_pre holds masked copies of
         // grad_output's values, so it converts back exactly.

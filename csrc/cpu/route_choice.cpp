@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <utility>
 
+#include "cpu/amx.h"
 #include "cpu/tile_kernels.h"
 
 namespace lightning_hw {
@@ -70,7 +71,10 @@ constexpr int kChoicesVersion = 2;
 
 // What makes timings comparable: the CPU, our kernel variant, torch (its BLAS).
 const std::string& fingerprint() {
-  static const std::string text = cpu_model() + " | " + cpu_isa_name() + " | torch " + std::string(TORCH_VERSION) +
+  static const std::string tiles = amx::tile_source() == amx::TileSource::kHardware   ? "+amx"
+                                  : amx::tile_source() == amx::TileSource::kEmulated ? "+amx-emulated"
+                                                                                     : "";
+  static const std::string text = cpu_model() + " | " + cpu_isa_name() + tiles + " | torch " + std::string(TORCH_VERSION) +
                                   " | choices v" + std::to_string(kChoicesVersion);
   return text;
 }

@@ -75,7 +75,9 @@ Isa chosen_isa() {
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("avx512dq");
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (want.empty() || want == "avx512")) return Isa::kAvx512;
+    // The AMX variants (amx.h) run the bf16 tiles beside the best float kernels.
+    const bool best = want.empty() || want == "avx512" || want == "amx" || want == "amx-emulated";
+    if (avx512 && best) return Isa::kAvx512;
     if (avx2 && want != "baseline") return Isa::kAvx2;
     return Isa::kBaseline;
   }();
