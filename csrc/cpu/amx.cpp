@@ -182,32 +182,59 @@ at::Tensor pack_b(const uint16_t* src, int64_t k_size, int64_t n_size, int64_t k
   return packed;
 }
 
-// The rows (rows x k_size, element (r, k) at src[r * r_stride + k * k_stride]) as
-// A operand rows: rows padded to whole blocks of 32 and k to whole steps, zeros
-// in the padding. Returns the data and its row stride.
-at::Tensor pad_a(const uint16_t* src, int64_t rows, int64_t k_size, int64_t r_stride, int64_t k_stride) {
-  const int64_t stride = round_up(std::max<int64_t>(k_size, 1), kStep);
-  at::Tensor padded = zeroed_bits(round_up(rows, kBlock) * stride);
-  uint16_t* out = mutable_bits(padded);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      if (k_stride == 1) {
-        std::memcpy(out + r * stride, src + r * r_stride, k_size * sizeof(uint16_t));
-      } else {
-        for (int64_t k = 0; k < k_size; ++k) out[r * stride + k] = src[r * r_stride + k * k_stride];
+// An A operand: rows x k_size, element (r, k) at src[r * r_stride + k * k_stride],
+// as tile rows of whole steps of 32 (zeros past k_size) in whole blocks of 32
+// rows (zeros past the last). Read in place where its rows already are whole
+// steps (k contiguous, k_size a multiple of 32), the last partial block from a
+// padded copy; else all from a padded copy.
+struct ARows {
+  const uint16_t* data;  // block mb starts at data + mb * 32 * stride
+  int64_t stride;        // elements from row to row in data
+  int64_t full_blocks;   // blocks read from data; the one after them from copy
+  at::Tensor copy;       // the padded copy: all of the rows, or that last block
+  int64_t copy_stride;
+
+  const uint16_t* block(int64_t mb) const {
+    return mb < full_blocks ? data + mb * kBlock * stride : bits(copy);
+  }
+  int64_t block_stride(int64_t mb) const {
+    return mb < full_blocks ? stride : copy_stride;
+  }
+};
+
+ARows a_rows(const uint16_t* src, int64_t rows, int64_t k_size, int64_t r_stride, int64_t k_stride) {
+  const auto padded_copy = [&](int64_t first_row, int64_t row_count, int64_t stride) {
+    at::Tensor copy = zeroed_bits(round_up(row_count, kBlock) * stride);
+    uint16_t* out = mutable_bits(copy);
+    at::parallel_for(0, row_count, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const uint16_t* row = src + (first_row + r) * r_stride;
+        if (k_stride == 1) {
+          std::memcpy(out + r * stride, row, k_size * sizeof(uint16_t));
+        } else {
+          for (int64_t k = 0; k < k_size; ++k) out[r * stride + k] = row[k * k_stride];
+        }
       }
-    }
-  });
-  return padded;
+    });
+    return copy;
+  };
+  if (k_stride == 1 && k_size > 0 && k_size % kStep == 0) {
+    const int64_t full_blocks = rows / kBlock;
+    const int64_t tail_rows = rows - full_blocks * kBlock;
+    return {src, r_stride, full_blocks,
+            tail_rows > 0 ? padded_copy(full_blocks * kBlock, tail_rows, k_size) : at::Tensor(), k_size};
+  }
+  const int64_t stride = round_up(std::max<int64_t>(k_size, 1), kStep);
+  at::Tensor copy = padded_copy(0, rows, stride);
+  return {bits(copy), stride, ceil_div(rows, kBlock), copy, stride};
 }
 
-// C = A . B over whole blocks: A (m_size rows, padded by pad_a, row stride
-// a_stride), B packed by pack_b for n_size columns, `steps` of the reduction;
-// store(row0, col0, sums) stores each 32 x 32 block. Items run column pairs
-// outermost, so a thread's B panel stays in cache across its row blocks.
+// C = A . B over whole blocks: A (m_size rows), B packed by pack_b for n_size
+// columns, `steps` of the reduction; store(row0, col0, sums) stores each
+// 32 x 32 block. Items run column pairs outermost, so a thread's B panel stays
+// in cache across its row blocks.
 template <typename Store>
-void gemm(const uint16_t* a, int64_t a_stride, int64_t m_size, const uint16_t* b, int64_t n_size, int64_t steps,
-          const Store& store) {
+void gemm(const ARows& a, int64_t m_size, const uint16_t* b, int64_t n_size, int64_t steps, const Store& store) {
   const int64_t m_blocks = ceil_div(m_size, kBlock), n_pairs = ceil_div(n_size, kBlock);
   std::vector<int64_t> a_offsets(steps), b_offsets(steps);
   for (int64_t s = 0; s < steps; ++s) {
@@ -220,8 +247,7 @@ void gemm(const uint16_t* a, int64_t a_stride, int64_t m_size, const uint16_t* b
       [&](int64_t item) {
         const int64_t mb = item % m_blocks, np = item / m_blocks;
         return AmxBlock{
-            a + mb * kBlock * a_stride, a_offsets.data(), a_stride, b + 2 * np * panel, b_offsets.data(), panel,
-            steps};
+            a.block(mb), a_offsets.data(), a.block_stride(mb), b + 2 * np * panel, b_offsets.data(), panel, steps};
       },
       [&](int64_t item, const float* sums) { store((item % m_blocks) * kBlock, (item / m_blocks) * kBlock, sums); });
 }
@@ -446,10 +472,9 @@ void linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const at::Tensor& a_src = rows_as_a ? x : w;
   const at::Tensor& b_src = rows_as_a ? w : x;
   const int64_t m_size = a_src.size(0), n_size = b_src.size(0);
-  const at::Tensor a = pad_a(bits(a_src), m_size, in_features, in_features, 1);
+  const ARows a = a_rows(bits(a_src), m_size, in_features, in_features, 1);
   const at::Tensor b = pack_b(bits(b_src), in_features, n_size, 1, in_features);
-  gemm(bits(a), round_up(std::max<int64_t>(in_features, 1), kStep), m_size, bits(b), n_size, steps,
-       [&](int64_t m0, int64_t n0, const float* sums) {
+  gemm(a, m_size, bits(b), n_size, steps, [&](int64_t m0, int64_t n0, const float* sums) {
          for (int64_t i = 0; i < kBlock && m0 + i < m_size; ++i)
            for (int64_t j = 0; j < kBlock && n0 + j < n_size; ++j) {
              const float sum = sums[i * kBlock + j];
@@ -465,11 +490,10 @@ void linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
 void linear_input_grad(const at::Tensor& grad_pre, const at::Tensor& w, at::Tensor& grad_input) {
   // grad_input (rows, in) = grad_pre (rows, out) . w (out, in): reduce over out.
   const int64_t rows = grad_pre.size(0), out_features = w.size(0), in_features = w.size(1);
-  const at::Tensor a = pad_a(bits(grad_pre), rows, out_features, out_features, 1);
+  const ARows a = a_rows(bits(grad_pre), rows, out_features, out_features, 1);
   const at::Tensor b = pack_b(bits(w), out_features, in_features, in_features, 1);
   at::BFloat16* dst = out_bits(grad_input);
-  gemm(bits(a), round_up(std::max<int64_t>(out_features, 1), kStep), rows, bits(b), in_features,
-       ceil_div(out_features, kStep), [&](int64_t m0, int64_t n0, const float* sums) {
+  gemm(a, rows, bits(b), in_features, ceil_div(out_features, kStep), [&](int64_t m0, int64_t n0, const float* sums) {
          for (int64_t i = 0; i < kBlock && m0 + i < rows; ++i)
            for (int64_t j = 0; j < kBlock && n0 + j < in_features; ++j)
              dst[(m0 + i) * in_features + n0 + j] = at::BFloat16(sums[i * kBlock + j]);
@@ -479,11 +503,10 @@ void linear_input_grad(const at::Tensor& grad_pre, const at::Tensor& w, at::Tens
 void linear_weight_grad(const at::Tensor& grad_pre, const at::Tensor& x, at::Tensor& grad_weight) {
   // grad_weight (out, in) = grad_pre^T (out, rows) . x (rows, in): reduce over rows.
   const int64_t rows = grad_pre.size(0), out_features = grad_pre.size(1), in_features = x.size(1);
-  const at::Tensor a = pad_a(bits(grad_pre), out_features, rows, 1, out_features);
+  const ARows a = a_rows(bits(grad_pre), out_features, rows, 1, out_features);
   const at::Tensor b = pack_b(bits(x), rows, in_features, in_features, 1);
   at::BFloat16* dst = out_bits(grad_weight);
-  gemm(bits(a), round_up(std::max<int64_t>(rows, 1), kStep), out_features, bits(b), in_features,
-       ceil_div(rows, kStep), [&](int64_t m0, int64_t n0, const float* sums) {
+  gemm(a, out_features, bits(b), in_features, ceil_div(rows, kStep), [&](int64_t m0, int64_t n0, const float* sums) {
          for (int64_t i = 0; i < kBlock && m0 + i < out_features; ++i)
            for (int64_t j = 0; j < kBlock && n0 + j < in_features; ++j)
              dst[(m0 + i) * in_features + n0 + j] = at::BFloat16(sums[i * kBlock + j]);
