@@ -4,12 +4,14 @@ and validate/test/predict from a saved checkpoint."""
 from __future__ import annotations
 
 import csv
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fakes import write_cifar10, write_fer2013_csv, write_fruits
 from lightning_hw.cli import CONFIG_DIR, DEFAULT_CONFIG, main
@@ -135,3 +137,91 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy: " in result.stdout
+
+
+# -- issue 23: last.ckpt, -c, help --------------------------------------------------------------------
+
+
+def test_last_checkpoint_holds_the_last_epoch_and_resume_goes_on_after_it(tmp_path, capsys):
+    """The monitored best is epoch 0 (`epoch`, mode min: a later epoch never improves on it); last.ckpt
+    must still follow every epoch, and `--ckpt_path last` resume after the third."""
+    args = [f"--trainer.default_root_dir={tmp_path}", "--checkpoint.monitor=epoch", "--checkpoint.mode=min",
+            "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=1",
+            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    cli = main(["fit", "--trainer.max_epochs=3", *args])
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    best = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (best["epoch"], best["global_step"]) == (0, 3)
+    assert (last["epoch"], last["global_step"]) == (2, 9)
+    assert not torch.equal(last["state_dict"]["conv.weight"], best["state_dict"]["conv.weight"])  # two more epochs
+
+    main(["fit", "--trainer.max_epochs=5", "--ckpt_path=last", *args])
+    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_1" / "metrics.csv").open()))
+    trained_epochs = {int(row["epoch"]) for row in rows if row.get("train_loss_step")}
+    assert trained_epochs == {3, 4}  # on after epoch 2, nothing trained twice
+    assert min(int(row["step"]) for row in rows if row.get("train_loss_step")) in (9, 10)
+    resumed_last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (resumed_last["epoch"], resumed_last["global_step"]) == (4, 15)
+
+
+def test_an_interrupted_fit_keeps_the_last_whole_epoch_and_says_how_to_resume(tmp_path, capsys):
+    """Ctrl-C in the middle of epoch 1: last.ckpt stays at the end of epoch 0 (the loaders cannot resume
+    mid-epoch), the message says so, and `--ckpt_path last` trains epoch 1 again, whole."""
+    interrupt = tmp_path / "interrupt.yaml"
+    interrupt.write_text("trainer:\n  callbacks:\n    - class_path: fakes.InterruptAtTrainBatch\n"
+                         "      init_args: {epoch: 1, batch_index: 1}\n")  # fmt: skip
+    args = [f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2", "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false"]  # fmt: skip
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "-c", str(DEFAULT_CONFIG), "-c", str(interrupt), *args])
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl-C after the first
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert exit_info.value.code == 1
+    assert f"interrupted: {last} holds the last whole epoch" in capsys.readouterr().err
+    checkpoint = torch.load(last, weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 3)
+    main(["fit", "--ckpt_path=last", *args])
+    rows = list(csv.DictReader((tmp_path / "lightning_logs" / "version_1" / "metrics.csv").open()))
+    assert sorted(int(row["step"]) for row in rows if row.get("train_loss_step")) == [3, 4, 5]
+
+
+def test_dash_c_is_config_for_every_shipped_config(capsys):
+    """`-c NAME`, `-c=PATH` and `--config PATH` print the same config: the file's own values,
+    with nothing of default.yaml merged underneath."""
+
+    def printed(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *args, "--print_config"])
+        assert exit_info.value.code == 0
+        return capsys.readouterr().out
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        by_name = printed("-c", path.stem)
+        assert by_name == printed(f"-c={path}") == printed("--config", str(path)), path.name
+        config, shown = yaml.safe_load(path.read_text()), yaml.safe_load(by_name)
+        for key, value in config["model"].get("init_args", {}).items():
+            if not isinstance(value, dict):
+                assert shown["model"]["init_args"][key] == value, f"{path.name}: model.init_args.{key}"
+        assert shown["model"]["class_path"] == config["model"]["class_path"]
+    fruits = yaml.safe_load(printed("-c", "fruits_cnn"))
+    assert fruits["model"]["init_args"]["padding"] == 0  # FruitCNN's own default; default.yaml sets 1
+
+
+def test_help_names_the_program_and_predict_tells_how_to_classify_a_folder(capsys):
+    for subcommand in ("fit", "validate", "test", "predict"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([subcommand, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: python -m lightning_hw {subcommand} [-c FILE.yaml|NAME] [options]\n")
+        assert "__main__" not in text
+    assert "  python -m lightning_hw predict -c RUN/config.yaml --ckpt_path RUN/checkpoints/best-....ckpt " \
+           "--data.predict_dir DIR\n" in text  # fmt: skip
+    assert "Every image file under DIR" in text
+    main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m lightning_hw SUBCOMMAND")

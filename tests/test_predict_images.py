@@ -139,7 +139,7 @@ def test_predict_dir_classifies_every_image_as_trained(cifar_run, tmp_path):
 def test_predict_dir_errors(cifar_run, tmp_path):
     run_dir, checkpoint, _ = cifar_run
     args = ["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={checkpoint}",
-            f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET]  # fmt: skip
+            f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET, "--debug"]  # fmt: skip
     with pytest.raises(DataNotFoundError, match="is not a folder"):
         run([*args, f"--data.predict_dir={tmp_path / 'missing'}"])
     (tmp_path / "empty" / "sub").mkdir(parents=True)
@@ -152,16 +152,19 @@ def test_predict_dir_errors(cifar_run, tmp_path):
         run([*args, f"--data.predict_dir={tmp_path / 'bad'}"])
 
 
-def test_predict_dir_needs_the_statistics_of_a_checkpoint(cifar_run, tmp_path):
+def test_predict_dir_needs_the_statistics_of_a_checkpoint(cifar_run, tmp_path, capsys):
     run_dir, checkpoint, _ = cifar_run
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "photos" / "green.png")
     stripped = torch.load(checkpoint, weights_only=True)
     del stripped["CIFAR10DataModule"]  # as a checkpoint written before DataModules kept their state
     torch.save(stripped, tmp_path / "old.ckpt")
-    with pytest.raises(RuntimeError, match="needs the train split's statistics"):
+    with pytest.raises(SystemExit) as exit_info:
         run(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={tmp_path / 'old.ckpt'}",
              f"--data.predict_dir={tmp_path / 'photos'}", f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET])  # fmt: skip
+    assert exit_info.value.code == 1
+    assert "needs the train split's statistics, and the checkpoint carries none" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # -- reading one image ---------------------------------------------------------------------------
