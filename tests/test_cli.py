@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from fakes import write_cifar10, write_fer2013_csv, write_fruits
-from lightning_hw.cli import CONFIG_DIR, DEFAULT_CONFIG, main
+from lightning_hw.callbacks import plots
+from lightning_hw.cli import CONFIG_DIR, DEFAULT_CONFIG, _with_config_paths, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -142,7 +143,13 @@ def test_python_dash_m_runs_the_cli(tmp_path):
 # -- issue 23: last.ckpt, -c, help --------------------------------------------------------------------
 
 
-def test_last_checkpoint_holds_the_last_epoch_and_resume_goes_on_after_it(tmp_path, capsys):
+@pytest.fixture
+def no_png_rendering(monkeypatch):
+    """Plots are drawn but not rendered to PNG (test_default_fit_trains_tests_and_reports checks them)."""
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figure.clear())
+
+
+def test_last_checkpoint_holds_the_last_epoch_and_resume_goes_on_after_it(tmp_path, no_png_rendering):
     """The monitored best is epoch 0 (`epoch`, mode min: a later epoch never improves on it); last.ckpt
     must still follow every epoch, and `--ckpt_path last` resume after the third."""
     args = [f"--trainer.default_root_dir={tmp_path}", "--checkpoint.monitor=epoch", "--checkpoint.mode=min",
@@ -165,7 +172,7 @@ def test_last_checkpoint_holds_the_last_epoch_and_resume_goes_on_after_it(tmp_pa
     assert (resumed_last["epoch"], resumed_last["global_step"]) == (4, 15)
 
 
-def test_an_interrupted_fit_keeps_the_last_whole_epoch_and_says_how_to_resume(tmp_path, capsys):
+def test_an_interrupted_fit_keeps_the_last_whole_epoch_and_says_how_to_resume(tmp_path, capsys, no_png_rendering):
     """Ctrl-C in the middle of epoch 1: last.ckpt stays at the end of epoch 0 (the loaders cannot resume
     mid-epoch), the message says so, and `--ckpt_path last` trains epoch 1 again, whole."""
     interrupt = tmp_path / "interrupt.yaml"
@@ -191,8 +198,8 @@ def test_an_interrupted_fit_keeps_the_last_whole_epoch_and_says_how_to_resume(tm
 
 
 def test_dash_c_is_config_for_every_shipped_config(capsys):
-    """`-c NAME`, `-c=PATH` and `--config PATH` print the same config: the file's own values,
-    with nothing of default.yaml merged underneath."""
+    """`-c NAME` and `--config PATH` print the same config: the file's own values, with nothing of
+    default.yaml merged underneath. The other spellings of -c become the same `--config PATH`."""
 
     def printed(*args: str) -> str:
         with pytest.raises(SystemExit) as exit_info:
@@ -202,7 +209,7 @@ def test_dash_c_is_config_for_every_shipped_config(capsys):
 
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         by_name = printed("-c", path.stem)
-        assert by_name == printed(f"-c={path}") == printed("--config", str(path)), path.name
+        assert by_name == printed("--config", str(path)), path.name
         config, shown = yaml.safe_load(path.read_text()), yaml.safe_load(by_name)
         for key, value in config["model"].get("init_args", {}).items():
             if not isinstance(value, dict):
@@ -210,6 +217,13 @@ def test_dash_c_is_config_for_every_shipped_config(capsys):
         assert shown["model"]["class_path"] == config["model"]["class_path"]
     fruits = yaml.safe_load(printed("-c", "fruits_cnn"))
     assert fruits["model"]["init_args"]["padding"] == 0  # FruitCNN's own default; default.yaml sets 1
+    fruits_path = str(CONFIG_DIR / "fruits_cnn.yaml")
+    for spelling in (["-c=fruits_cnn"], ["-cfruits_cnn"], ["--config=fruits_cnn.yaml"], ["-c", fruits_path]):
+        assert _with_config_paths(["fit", *spelling, "--trainer.max_epochs=1"]) == [
+            "fit", "--config", fruits_path, "--trainer.max_epochs=1"
+        ], spelling  # fmt: skip
+    grid = str(CONFIG_DIR / "sweeps" / "cifar10_twolayer_grid.yaml")
+    assert _with_config_paths(["sweep", "-c", "sweeps/cifar10_twolayer_grid"]) == ["sweep", "--config", grid]
 
 
 def test_help_names_the_program_and_predict_tells_how_to_classify_a_folder(capsys):

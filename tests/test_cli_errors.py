@@ -15,6 +15,7 @@ import torch
 
 from fakes import write_cifar10
 from lightning_hw import sweep
+from lightning_hw.callbacks import plots
 from lightning_hw.cli import OTHER_SUBCOMMANDS, SUBCOMMAND_SUMMARIES, TRAINER_SUBCOMMANDS, main
 from lightning_hw.data import DataNotFoundError
 from lightning_hw.errors import DEBUG_ENV, CommandError
@@ -38,7 +39,10 @@ def error_of(args: list[str], capsys) -> tuple[int, str]:
 def digits_run(tmp_path_factory) -> tuple[Path, Path]:
     """A short default fit: (its run folder, its best checkpoint)."""
     root = tmp_path_factory.mktemp("digits_run")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(plots, "_save", lambda figure, path: figure.clear())  # PNGs are tested elsewhere
     cli = main(["fit", f"--trainer.default_root_dir={root}", *SHORT])
+    patch.undo()
     return Path(cli.trainer.log_dir), Path(cli.trainer.checkpoint_callback.best_model_path)
 
 
