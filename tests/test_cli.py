@@ -7,15 +7,19 @@ import csv
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import lightning_hw
 from fakes import write_cifar10, write_fer2013_csv, write_fruits
+from fits import assert_fast_dev_fit, run_summary
 from lightning_hw.callbacks import plots
 from lightning_hw.cli import CONFIG_DIR, DEFAULT_CONFIG, _with_config_paths, main
+from lightning_hw.models.transfer import MissingDependency, import_timm, import_torchvision
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -29,28 +33,34 @@ CONFIG_DATA = {
 }
 
 
-# Fit configs whose fit test lives elsewhere: tests/test_transfer.py (they need torchvision or timm).
-FIT_ELSEWHERE = {"cifar10_transfer.yaml", "cifar10_transfer_lite0.yaml"}
+# Fit configs whose fit test lives in tests/test_transfer.py, and the optional library each needs
+# (without it, that test skips).
+FIT_ELSEWHERE = {"cifar10_transfer.yaml": import_torchvision, "cifar10_transfer_lite0.yaml": import_timm}
 
 
 def test_every_config_is_covered():
     configs = {path.name for path in CONFIG_DIR.glob("*.yaml")}
-    assert configs == set(CONFIG_DATA) | {DEFAULT_CONFIG.name} | FIT_ELSEWHERE
+    assert configs == set(CONFIG_DATA) | {DEFAULT_CONFIG.name} | set(FIT_ELSEWHERE)
+    not_covered = {}
+    for config, import_library in FIT_ELSEWHERE.items():
+        try:
+            import_library()
+        except MissingDependency as error:  # a broken install raises instead
+            not_covered[config] = str(error)
+    if not_covered:
+        reasons = "; ".join(f"{config}: {reason}" for config, reason in sorted(not_covered.items()))
+        pytest.skip(f"{len(configs) - len(not_covered)} of {len(configs)} configs covered here, not {reasons}")
 
 
 @pytest.mark.parametrize("config", sorted(CONFIG_DATA))
 def test_each_config_fits_on_generated_data(config, tmp_path, capsys):
     write_data, overrides = CONFIG_DATA[config]
     data_dir = write_data(tmp_path / "data")
-    main(["fit", "--config", str(CONFIG_DIR / config), f"--data.data_dir={data_dir}",
-          f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=true",
-          "--trainer.enable_progress_bar=false", *overrides])  # fmt: skip
-    assert "test accuracy: " in capsys.readouterr().out
-
-
-def _summary(output: str) -> dict[str, str]:
-    line = next(line for line in output.splitlines() if line.startswith(("test accuracy", "validation accuracy")))
-    return dict(part.split(": ", 1) for part in line.split(" | "))
+    cli = main(["fit", "--config", str(CONFIG_DIR / config), f"--data.data_dir={data_dir}",
+                f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=true",
+                "--trainer.enable_progress_bar=false", *overrides])  # fmt: skip
+    model_class = yaml.safe_load((CONFIG_DIR / config).read_text())["model"]["class_path"].rsplit(".", 1)[1]
+    assert_fast_dev_fit(cli, capsys.readouterr().out, model_class)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +75,14 @@ def default_run(tmp_path_factory):
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         main(args)
-    return root, _summary(output.getvalue())
+    return root, run_summary(output.getvalue())
 
 
 def test_default_fit_trains_tests_and_reports(default_run):
     root, summary = default_run
     accuracy = float(summary["test accuracy"].rstrip("%"))
-    assert 10.0 < accuracy <= 100.0  # ten batches already beat chance on digits
+    # Ten batches reach about 70% on digits; a model that does not learn stays near 10%.
+    assert 50.0 < accuracy <= 100.0
     checkpoint = Path(summary["checkpoint"])
     assert checkpoint.is_file() and checkpoint.name.startswith("best-")
     run_dir = Path(summary["logs"])
@@ -91,10 +102,10 @@ def test_validate_and_test_from_checkpoint(default_run, subcommand, label, tmp_p
     root, summary = default_run
     main([subcommand, f"--ckpt_path={summary['checkpoint']}", f"--trainer.default_root_dir={tmp_path}",
           "--trainer.enable_progress_bar=false"])  # fmt: skip
-    reported = _summary(capsys.readouterr().out)
+    reported = run_summary(capsys.readouterr().out)
     if subcommand == "test":
         assert reported[label] == summary["test accuracy"]  # the same weights give the same accuracy
-    assert 0.0 < float(reported[label].rstrip("%")) <= 100.0
+    assert 50.0 < float(reported[label].rstrip("%")) <= 100.0  # the trained weights, not fresh ones
 
 
 def test_predict_from_checkpoint_writes_class_predictions(default_run, tmp_path, capsys):
@@ -117,7 +128,10 @@ def test_print_config_and_version(capsys):
     assert "lightning_hw.models.FruitCNN" in printed and "6728" not in printed
     assert "num_classes" in printed or "class_path" in printed
     main(["--version"])
-    assert capsys.readouterr().out.startswith("lightning_hw ")
+    release = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    kernels = "CPU and CUDA" if lightning_hw.has_cuda_kernels() else "CPU"
+    assert lightning_hw.__version__ == release
+    assert capsys.readouterr().out == f"lightning_hw {release} (torch {torch.__version__}; {kernels} kernels)\n"
 
 
 def test_bad_option_is_an_error_not_a_crash(capsys):
@@ -137,7 +151,9 @@ def test_python_dash_m_runs_the_cli(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test accuracy: " in result.stdout
+    summary = run_summary(result.stdout)
+    assert 0.0 <= float(summary["test accuracy"].rstrip("%")) <= 100.0  # one step: any accuracy
+    assert Path(summary["logs"]).is_relative_to(tmp_path)
 
 
 # -- issue 23: last.ckpt, -c, help --------------------------------------------------------------------
