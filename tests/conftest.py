@@ -47,10 +47,13 @@ def pytest_report_header(config):
     """The CPU kernel variant the kernels' tests run in this process, and the others."""
     import torch
 
-    import lightning_hw.ops  # noqa: F401  (loads the extension)
+    try:
+        import lightning_hw.ops  # noqa: F401  (loads the extension)
 
-    variants = [line.split("\t") for line in torch.ops.lightning_hw.cpu_isa_variants()]
-    mine = next(line for line in torch.ops.lightning_hw.cpu_kernel_tiles() if line.startswith("isa=")).split("=")[1]
+        variants = [line.split("\t") for line in torch.ops.lightning_hw.cpu_isa_variants()]
+        mine = next(line for line in torch.ops.lightning_hw.cpu_kernel_tiles() if line.startswith("isa=")).split("=")[1]
+    except Exception as error:  # the tests that need them fail with the same error
+        return f"lightning_hw CPU kernels: unavailable ({error})"
     others = ", ".join(name if not missing else f"{name} (this CPU lacks {missing})" for name, missing in variants
                        if name != mine)  # fmt: skip
     return f"lightning_hw CPU kernels: {mine} here; {others} in tests/test_isa_variants.py"

@@ -1422,7 +1422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
         output_mask[0] && grad_input.numel() > 0
             ? cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same), run_input_grad)
             : "";
-    // The bias gradient alone is one pass over grad_output: nothing to time.
+    // The bias gradient alone is one pass over grad_output: nothing to time or force.
     std::string weight_route;
     if (output_mask[1]) {
       weight_route =
