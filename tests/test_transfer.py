@@ -85,8 +85,9 @@ def fake_package(monkeypatch, tmp_path, name: str, source: str) -> None:
         ("raise RuntimeError('operator torchvision::nms does not exist')", "RuntimeError: operator torchvision::nms"),
         ("from torch import no_such_name", "ImportError: cannot import name 'no_such_name' from 'torch'"),
         ("import no_such_dependency", "ModuleNotFoundError: No module named 'no_such_dependency'"),
+        ("import torchvision.no_such_module", "ModuleNotFoundError: No module named 'torchvision.no_such_module'"),
     ],
-    ids=["registering-ops", "missing-torch-name", "missing-dependency"],
+    ids=["registering-ops", "missing-torch-name", "missing-dependency", "missing-own-module"],
 )
 def test_a_broken_torchvision_fails_loudly_with_its_own_error(monkeypatch, tmp_path, source, error):
     fake_package(monkeypatch, tmp_path, "torchvision", source)

@@ -34,8 +34,9 @@ class MissingDependency(ImportError):
 
 
 def _absent(error: ImportError, *packages: str) -> bool:
-    """Whether `error` says that one of the top-level `packages` is not installed."""
-    return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in packages
+    """Whether `error` says that one of the `packages` is not installed (not a module inside it:
+    a package that lacks one of its own modules is a broken install)."""
+    return isinstance(error, ModuleNotFoundError) and error.name in packages
 
 
 def import_torchvision():
