@@ -1,14 +1,20 @@
-"""bfloat16 and float16 on CPU: both ops, forward and every gradient, by each route that
-runs them (ours computing in float32 on float32 copies, or torch's own kernel in the
-dtype), against a float64 reference computed from the same rounded inputs; CPU autocast
-(`precision="bf16-mixed"`), opcheck, torch.compile and non-finite values.
+"""bfloat16 and float16 on CPU: both ops, forward and every gradient, on each route that runs
+them (ours in float32 on float32 copies; torch's own kernels where torch accumulates the dtype in
+float32; bfloat16 on AMX tiles, "amx", where the process has them, hardware or emulated), forced
+and checked to have run, against a float64 reference computed from the same rounded inputs within
+tests/bounds.py's bound; non-finite values as torch; the tile model's rounding and its faults;
+CPU autocast (`precision="bf16-mixed"`), opcheck and torch.compile.
 
-The bound of each element grows with its own scale and the reduction length: one
-rounding of the result to the dtype (two where torch adds the bias after rounding
-its GEMM), plus float32 accumulation over the reduction, relative to the sum of the
-magnitudes of the terms (the same op on |inputs|)."""
+The grids are marked kernel_grid (run again under every kernel variant the CPU runs) and their amx
+cases amx_grid: where the CPU has no AMX, tests/test_isa_variants.py runs those on the tiles'
+scalar model (LIGHTNING_HW_CPU_ISA=amx-emulated)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -17,84 +23,79 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_hw.ops as ops
+from bounds import UNIT_ROUNDOFF, assert_within_bound, bound, reduced_tensor
 from lightning_hw.nn import Conv2d, LinearReLU
-from routes import forced_route
+from routes import (
+    BF16_ROUTES,
+    CONV_PARTS,
+    DTYPE_IDS,
+    LINEAR_PARTS,
+    OUR_CONV_ROUTES,
+    OUR_LINEAR_ROUTES,
+    REDUCED_DTYPES,
+    conv2d_route_table,
+    conv2d_runnable,
+    forced_route,
+    linear_relu_runnable,
+    on_one_and_two_threads,
+    with_routes,
+)
+from tiles import kernel_tiles
 
-REDUCED = [torch.bfloat16, torch.float16]
-REDUCED_IDS = ["bf16", "f16"]
-# Unit roundoff of each dtype (half the distance between 1 and the next value).
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-FLOAT32_ROUNDOFF = 2.0**-24
-
-# torch's own route ("aten") runs a reduced dtype where torch runs it through oneDNN
-# (float32 accumulation); elsewhere our kernels alone do (csrc/cpu/precision.h).
-TORCH_ACCUMULATES_IN_FLOAT = {
-    torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-    torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported(),
-}
-
-
-def skip_unless_route_runs(route, dtype):
-    if route == "aten" and not TORCH_ACCUMULATES_IN_FLOAT[dtype]:
-        pytest.skip(f"torch's {dtype} convolution on this CPU does not accumulate in float32: no aten route")
-
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
 conv2d_backward = torch.ops.lightning_hw.conv2d_backward.default
 linear_relu_backward = torch.ops.lightning_hw.linear_relu_backward.default
 
-
-def assert_within_bound(actual, reference, magnitude, reduction, dtype, extra=None, what=""):
-    """|actual - reference| <= 2u |reference| + u |extra| + 2 n 2^-24 magnitude, elementwise:
-    u the dtype's unit roundoff, n the reduction length, `extra` a term rounded separately
-    (the bias added after torch's GEMM is rounded)."""
-    assert actual.dtype == dtype, (what, actual.dtype)
-    assert actual.shape == reference.shape, (what, actual.shape, reference.shape)
-    u = UNIT_ROUNDOFF[dtype]
-    bound = 2 * u * reference.abs() + 2 * reduction * FLOAT32_ROUNDOFF * magnitude
-    if extra is not None:
-        bound = bound + u * extra.abs()
-    error = (actual.double() - reference).abs()
-    worst = (error - bound).argmax() if error.numel() else None
-    assert bool((error <= bound).all()), (
-        f"{what}: error {error.flatten()[worst].item():.3g} over bound {bound.flatten()[worst].item():.3g} "
-        f"(reference {reference.flatten()[worst].item():.4g})"
-    )
+# Whether this process runs the amx route (the amx variant, or amx-emulated), and why not.
+_AMX_WHY_NOT = conv2d_route_table((1, 32, 4, 4), (16, 32, 1, 1), torch.bfloat16)["conv2d_forward"]["amx"]
+HAS_TILES = _AMX_WHY_NOT == ""
+REDUCED_CONV_ROUTES = OUR_CONV_ROUTES + ("aten",) + (BF16_ROUTES if HAS_TILES else ())
+REDUCED_LINEAR_ROUTES = OUR_LINEAR_ROUTES + ("blas",) + (BF16_ROUTES if HAS_TILES else ())
+OUR_REDUCED_CONV_ROUTES = tuple(route for route in REDUCED_CONV_ROUTES if route != "aten")
+OUR_REDUCED_LINEAR_ROUTES = tuple(route for route in REDUCED_LINEAR_ROUTES if route != "blas")
+needs_tiles = pytest.mark.skipif(
+    not HAS_TILES, reason=f"{_AMX_WHY_NOT}; tests/test_isa_variants.py runs the amx_grid tests on amx-emulated"
+)
 
 
-def reduced_tensor(shape, dtype, scale=1.0):
-    """Random values exactly representable in `dtype`, and their float64 copy."""
-    values = (torch.randn(shape) * scale).to(dtype)
-    return values, values.double()
+def amx_marked(params):
+    """The amx cases of with_routes' params, also marked amx_grid."""
+    return [
+        pytest.param(*p.values, marks=(*p.marks, pytest.mark.amx_grid), id=p.id) if p.values[-1] in BF16_ROUTES else p
+        for p in params
+    ]
+
+
+def assert_ran(ran, route, parts):
+    ran.assert_only(route, parts if route != "rule" else ())
 
 
 # ---- conv2d ----
 
-# (input shape, weight shape, stride, padding, dilation, groups) per route, chosen where the
-# route runs the shape: planar for few output channels at stride 1, depthwise for depthwise
-# convolutions, direct for any other, aten wherever symmetric padding expresses the geometry.
-CONV_GEOMETRIES = {
-    "direct": [
-        ((2, 16, 9, 11), (32, 16, 3, 3), 1, 1, 1, 1),
-        ((2, 6, 12, 10), (20, 3, 3, 3), 2, 1, 1, 2),
-        ((1, 24, 8, 8), (40, 24, 1, 1), 1, 0, 1, 1),
-    ],
-    "planar": [
-        ((3, 1, 16, 16), (8, 1, 4, 4), 1, 0, 1, 1),
-        ((2, 3, 13, 15), (16, 3, 3, 3), 1, 1, 1, 1),
-        ((2, 4, 10, 10), (6, 4, 2, 2), 1, "same", 2, 1),
-    ],
-    "depthwise": [
-        ((2, 24, 11, 9), (24, 1, 3, 3), 1, 1, 1, 24),
-        ((2, 40, 14, 14), (40, 1, 5, 5), 2, 2, 1, 40),
-    ],
-    "aten": [
-        ((2, 16, 9, 11), (32, 16, 3, 3), 1, 1, 1, 1),
-        ((3, 1, 16, 16), (8, 1, 4, 4), 1, 0, 1, 1),
-        ((2, 24, 11, 9), (24, 1, 3, 3), 2, 1, 1, 24),
-    ],
-}
-CONV_CASES = [(route, *geometry) for route, geometries in CONV_GEOMETRIES.items() for geometry in geometries]
-CONV_CASES += [("rule", *geometry) for geometry in CONV_GEOMETRIES["direct"][:1] + CONV_GEOMETRIES["planar"][:1]]
+# (input shape, weight shape, stride, padding, dilation, groups): channels that end in partial
+# 16- and 32-channel tile steps, output pixels that end in partial 32-pixel blocks, strides,
+# dilations, asymmetric 'same' padding, 1x1, the reports' first layers (planar), depthwise and
+# grouped convolutions; every route runs some of them.
+CONV_GEOMETRIES = [
+    ((2, 16, 9, 11), (32, 16, 3, 3), 1, 1, 1, 1),
+    ((3, 17, 7, 13), (33, 17, 3, 2), 2, 1, 1, 1),
+    ((1, 33, 10, 9), (17, 33, 5, 3), (2, 3), (2, 1), (1, 2), 1),
+    ((2, 40, 6, 6), (16, 40, 1, 1), 1, 0, 1, 1),
+    ((2, 20, 8, 8), (24, 20, 4, 4), 1, "same", 1, 1),
+    ((3, 1, 16, 16), (8, 1, 4, 4), 1, 0, 1, 1),
+    ((2, 3, 13, 15), (16, 3, 3, 3), 1, 1, 1, 1),
+    ((2, 24, 11, 9), (24, 1, 3, 3), 1, 1, 1, 24),
+    ((2, 40, 14, 14), (40, 1, 5, 5), 2, 2, 1, 40),
+    ((2, 12, 9, 9), (18, 4, 3, 3), 1, 1, 1, 3),
+]
+
+
+def conv_call_args(stride, padding, dilation):
+    """conv2d_backward's (stride, padding, dilation, pad_same) for ops.conv2d's arguments."""
+    pair = lambda value: [value, value] if isinstance(value, int) else list(value)  # noqa: E731
+    pad_same = padding == "same"
+    return pair(stride), [0, 0] if pad_same else pair(padding), pair(dilation), pad_same
 
 
 def conv_reference(x, w, b, g, **conv_args):
@@ -105,64 +106,98 @@ def conv_reference(x, w, b, g, **conv_args):
     return out.detach(), x.grad, w.grad, b.grad
 
 
-@pytest.mark.parametrize("dtype", REDUCED, ids=REDUCED_IDS)
-@pytest.mark.parametrize("route, input_shape, weight_shape, stride, padding, dilation, groups", CONV_CASES)
-def test_conv2d_matches_float64_reference(route, input_shape, weight_shape, stride, padding, dilation, groups, dtype):
-    skip_unless_route_runs(route, dtype)
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize(
+    "input_shape, weight_shape, stride, padding, dilation, groups, dtype, route",
+    amx_marked(with_routes(CONV_GEOMETRIES, conv2d_runnable, REDUCED_CONV_ROUTES, dtypes=REDUCED_DTYPES)),
+)
+def test_conv2d_matches_float64_reference(input_shape, weight_shape, stride, padding, dilation, groups, dtype, route):
     conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     x, x64 = reduced_tensor(input_shape, dtype)
     w, w64 = reduced_tensor(weight_shape, dtype, scale=0.5)
     b, b64 = reduced_tensor(weight_shape[:1], dtype)
-    with forced_route(route):
+    with forced_route(route) as ran:
         out = ops.conv2d(x, w, b, **conv_args)
         g, g64 = reduced_tensor(out.shape, dtype)
-        stride2, padding2, dilation2 = ([v, v] if isinstance(v, int) else v for v in (stride, padding, dilation))
-        pad_same = padding == "same"
-        grads = conv2d_backward(
-            g, x, w, stride2, [0, 0] if pad_same else padding2, dilation2, groups, pad_same, [True, True, True]
-        )
+        grads = conv2d_backward(g, x, w, *conv_call_args(stride, padding, dilation)[:3], groups,
+                                padding == "same", [True, True, True])  # fmt: skip
+    assert_ran(ran, route, CONV_PARTS)
     reference = conv_reference(x64, w64, b64, g64, **conv_args)
     magnitude = conv_reference(x64.abs(), w64.abs(), b64.abs(), g64.abs(), **conv_args)
     taps = weight_shape[2] * weight_shape[3]
-    reductions = (weight_shape[1] * taps, weight_shape[0] // groups * taps, out[0, 0].numel() * out.shape[0],
-                  out[0, 0].numel() * out.shape[0])  # fmt: skip
-    names = ("output", "grad_input", "grad_weight", "grad_bias")
+    pixels = out[:, 0].numel()
+    reductions = (weight_shape[1] * taps, weight_shape[0] // groups * taps, pixels, pixels)
     bias_term = b64.view(1, -1, 1, 1).expand_as(reference[0])
+    names = ("output", "grad_input", "grad_weight", "grad_bias")
     for name, actual, expected, size, n in zip(names, (out, *grads), reference, magnitude, reductions):
-        extra = bias_term if name == "output" else None
-        assert_within_bound(actual, expected, size, n, dtype, extra, f"{route} {name}")
+        assert_within_bound(actual, expected, size, n, dtype, bias_term if name == "output" else None, f"{route} {name}")
 
 
-@pytest.mark.parametrize("dtype", REDUCED, ids=REDUCED_IDS)
-@pytest.mark.parametrize("route", ["rule", "direct", "aten"])
+MASK_SHAPE = ((2, 32, 10, 10), (16, 32, 3, 3), 1, 1, 1, 1)
+
+
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize("mask", [[True, False, False], [False, True, False], [False, False, True], [False, True, True]])
-def test_conv2d_backward_output_masks(mask, route, dtype):
-    skip_unless_route_runs(route, dtype)
-    x, x64 = reduced_tensor((2, 8, 10, 10), dtype)
-    w, w64 = reduced_tensor((16, 8, 3, 3), dtype)
-    g, g64 = reduced_tensor((2, 16, 10, 10), dtype)
+@pytest.mark.parametrize(
+    "input_shape, weight_shape, stride, padding, dilation, groups, dtype, route",
+    amx_marked(with_routes([MASK_SHAPE], conv2d_runnable, REDUCED_CONV_ROUTES, dtypes=REDUCED_DTYPES,
+                           every_route=False)),  # fmt: skip
+)
+def test_conv2d_backward_output_masks(input_shape, weight_shape, stride, padding, dilation, groups, dtype, route, mask):
+    x, x64 = reduced_tensor(input_shape, dtype)
+    w, w64 = reduced_tensor(weight_shape, dtype)
+    g, g64 = reduced_tensor((input_shape[0], weight_shape[0], *input_shape[2:]), dtype)
     with forced_route(route):
         grads = conv2d_backward(g, x, w, [1, 1], [1, 1], [1, 1], 1, False, mask)
-    reference = conv_reference(x64, w64, torch.zeros(16, dtype=torch.float64), g64, padding=1)[1:]
-    magnitude = conv_reference(x64.abs(), w64.abs(), torch.zeros(16, dtype=torch.float64), g64.abs(), padding=1)[1:]
-    for needed, actual, expected, size in zip(mask, grads, reference, magnitude):
+    zero_bias = torch.zeros(weight_shape[0], dtype=torch.float64)
+    reference = conv_reference(x64, w64, zero_bias, g64, padding=1)[1:]
+    magnitude = conv_reference(x64.abs(), w64.abs(), zero_bias, g64.abs(), padding=1)[1:]
+    for needed, actual, expected, size, n in zip(mask, grads, reference, magnitude, (16 * 9, 200, 200)):
         if needed:
-            assert_within_bound(actual, expected, size, 200, dtype, what=f"{route} {mask}")
+            assert_within_bound(actual, expected, size, n, dtype, what=f"{route} {mask}")
         else:
             assert actual.numel() == 0 and actual.dtype == dtype
 
 
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize(
+    "input_shape, weight_shape, stride, padding, dilation, groups, dtype, route",
+    amx_marked(with_routes(CONV_GEOMETRIES[:4] + CONV_GEOMETRIES[5:8], conv2d_runnable, OUR_REDUCED_CONV_ROUTES,
+                           dtypes=REDUCED_DTYPES)),  # fmt: skip
+)
+def test_conv2d_propagates_nan_and_inf_like_torch(input_shape, weight_shape, stride, padding, dilation, groups, dtype,
+                                                  route):  # fmt: skip
+    """NaN and infinity in the input reach the output and every gradient of our routes where
+    torch's float64 convolution's reach (torch's own bfloat16 kernel, oneDNN's, spreads NaN over
+    more of the weight gradient); the amx weight gradient, whose tiles would multiply them by the
+    zeros past each row, hands such input to our float kernels."""
+    conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    x, x64 = reduced_tensor(input_shape, dtype)
+    x[0, 0, 1, -1] = x64[0, 0, 1, -1] = float("inf")
+    x[-1, -1, -1, 2] = x64[-1, -1, -1, 2] = float("nan")
+    w, w64 = reduced_tensor(weight_shape, dtype, scale=0.5)
+    b, b64 = reduced_tensor(weight_shape[:1], dtype)
+    with forced_route(route) as ran:
+        out = ops.conv2d(x, w, b, **conv_args)
+        g, g64 = reduced_tensor(out.shape, dtype)
+        grads = conv2d_backward(g, x, w, *conv_call_args(stride, padding, dilation)[:3], groups,
+                                padding == "same", [True, True, True])  # fmt: skip
+    assert_ran(ran, route, CONV_PARTS)
+    reference = conv_reference(x64, w64, b64, g64, **conv_args)
+    for name, actual, expected in zip(("output", "grad_input", "grad_weight", "grad_bias"), (out, *grads), reference):
+        assert torch.equal(actual.isnan(), expected.isnan()), f"{route} {name}: NaN places"
+        assert torch.equal(actual.isinf(), expected.isinf()), f"{route} {name}: infinity places"
+
+
 # ---- linear_relu ----
 
-# (rows, in_features, out_features) per route: streamed for wide layers, tiles within half of
-# L2 per packed block, blas for any.
-LINEAR_SHAPES = {
-    "streamed": [(24, 130, 96), (7, 33, 70)],
-    "tiles": [(40, 70, 29), (100, 33, 150)],
-    "blas": [(24, 130, 96), (40, 70, 29)],
-    "rule": [(24, 130, 96), (40, 70, 29)],
-}
-LINEAR_CASES = [(route, *shape) for route, shapes in LINEAR_SHAPES.items() for shape in shapes]
+# (input shape, out_features): rows, features and outputs that end in partial 16- and 32-wide
+# tile steps; wide layers for the streamed route.
+LINEAR_SHAPES = [((24, 130), 96), ((7, 33), 70), ((40, 70), 29), ((100, 33), 150), ((33, 32), 17), ((2, 3, 64), 48)]
+
+
+def linear_cases(routes=REDUCED_LINEAR_ROUTES):
+    return amx_marked(with_routes(LINEAR_SHAPES, linear_relu_runnable, routes, dtypes=REDUCED_DTYPES))
 
 
 def linear_relu_gradients(grad_pre, x, w):
@@ -170,62 +205,201 @@ def linear_relu_gradients(grad_pre, x, w):
     return grad_pre @ w, grad_pre.t() @ x, grad_pre.sum(0)
 
 
-@pytest.mark.parametrize("dtype", REDUCED, ids=REDUCED_IDS)
-@pytest.mark.parametrize("route, rows, in_features, out_features", LINEAR_CASES)
-def test_linear_relu_matches_float64_reference(route, rows, in_features, out_features, dtype):
-    x, x64 = reduced_tensor((rows, in_features), dtype)
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize("input_shape, out_features, dtype, route", linear_cases())
+def test_linear_relu_matches_float64_reference(input_shape, out_features, dtype, route):
+    in_features = input_shape[-1]
+    x, x64 = reduced_tensor(input_shape, dtype)
     w, w64 = reduced_tensor((out_features, in_features), dtype, scale=0.3)
     b, b64 = reduced_tensor((out_features,), dtype)
-    with forced_route(route):
+    with forced_route(route) as ran:
         out = ops.linear_relu(x, w, b)
         g, g64 = reduced_tensor(out.shape, dtype)
         grads = linear_relu_backward(g, out, x, w, [True, True, True])
+    assert_ran(ran, route, LINEAR_PARTS)
     u = UNIT_ROUNDOFF[dtype]
+    x64, g64, out2 = x64.reshape(-1, in_features), g64.reshape(-1, out_features), out.reshape(-1, out_features)
     pre = F.linear(x64, w64, b64)
     pre_magnitude = F.linear(x64.abs(), w64.abs(), b64.abs())
-    assert_within_bound(out, torch.relu(pre), pre_magnitude, in_features, dtype, b64.expand_as(pre), f"{route} output")
-    # The ReLU mask is our rounded output's sign, as torch's is its rounded linear's; it
-    # agrees with the exact pre-activation's wherever that is clear of the rounding.
-    mask = out.double() > 0
-    clear = pre.abs() > 2 * u * pre_magnitude + u * b64.abs()
+    assert_within_bound(out2, torch.relu(pre), pre_magnitude, in_features, dtype, b64.expand_as(pre), f"{route} output")
+    # The ReLU mask is our rounded output's sign, as torch's is its rounded linear's; it agrees
+    # with the exact pre-activation's wherever that is clear of the rounding.
+    mask = out2.double() > 0
+    clear = pre.abs() > bound(pre, pre_magnitude, in_features, dtype, b64.expand_as(pre))
     assert bool((mask == (pre > 0))[clear].all()), f"{route}: ReLU mask differs from the exact one"
     grad_pre = g64 * mask
     reference = linear_relu_gradients(grad_pre, x64, w64)
     magnitude = linear_relu_gradients(grad_pre.abs(), x64.abs(), w64.abs())
-    names = ("grad_input", "grad_weight", "grad_bias")
-    for name, actual, expected, size, n in zip(names, grads, reference, magnitude, (out_features, rows, rows)):
-        assert_within_bound(actual, expected, size, n, dtype, what=f"{route} {name}")
+    rows = x64.shape[0]
+    actual = (grads[0].reshape(-1, in_features), grads[1], grads[2])
+    for name, a, expected, size, n in zip(("grad_input", "grad_weight", "grad_bias"), actual, reference, magnitude,
+                                          (out_features, rows, rows)):  # fmt: skip
+        assert_within_bound(a, expected, size, n, dtype, what=f"{route} {name}")
 
 
-@pytest.mark.parametrize("dtype", REDUCED, ids=REDUCED_IDS)
-@pytest.mark.parametrize("route", ["streamed", "tiles", "blas"])
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize("mask", [[True, False, False], [False, True, False], [False, False, True], [True, True, False]])
-def test_linear_relu_backward_output_masks(mask, route, dtype):
-    x, x64 = reduced_tensor((20, 48), dtype)
-    w, w64 = reduced_tensor((100, 48), dtype, scale=0.3)
-    out = torch.relu(torch.randn(20, 100)).to(dtype)
-    g, g64 = reduced_tensor((20, 100), dtype)
+@pytest.mark.parametrize(
+    "input_shape, out_features, dtype, route",
+    amx_marked(with_routes([((40, 96), 80)], linear_relu_runnable, REDUCED_LINEAR_ROUTES, dtypes=REDUCED_DTYPES)),
+)
+def test_linear_relu_backward_output_masks(input_shape, out_features, dtype, route, mask):
+    x, x64 = reduced_tensor(input_shape, dtype)
+    w, w64 = reduced_tensor((out_features, input_shape[1]), dtype, scale=0.3)
+    out = torch.relu(torch.randn(input_shape[0], out_features)).to(dtype)
+    g, g64 = reduced_tensor(out.shape, dtype)
     with forced_route(route):
         grads = linear_relu_backward(g, out, x, w, mask)
     grad_pre = g64 * (out.double() > 0)
     reference = linear_relu_gradients(grad_pre, x64, w64)
     magnitude = linear_relu_gradients(grad_pre.abs(), x64.abs(), w64.abs())
-    for needed, actual, expected, size, n in zip(mask, grads, reference, magnitude, (100, 20, 20)):
+    for needed, actual, expected, size, n in zip(mask, grads, reference, magnitude, (out_features, 40, 40)):
         if needed:
             assert_within_bound(actual, expected, size, n, dtype, what=f"{route} {mask}")
         else:
             assert actual.numel() == 0 and actual.dtype == dtype
 
 
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize("input_shape, out_features, dtype, route", linear_cases(OUR_REDUCED_LINEAR_ROUTES))
+def test_linear_relu_propagates_nan_and_inf_like_torch(input_shape, out_features, dtype, route):
+    x, x64 = reduced_tensor(input_shape, dtype)
+    flat, flat64 = x.view(-1, input_shape[-1]), x64.view(-1, input_shape[-1])
+    flat[1, 3] = flat64[1, 3] = float("nan")
+    flat[-1, -1] = flat64[-1, -1] = float("inf")
+    w, w64 = reduced_tensor((out_features, input_shape[-1]), dtype, scale=0.3)
+    with forced_route(route):
+        out = ops.linear_relu(x, w)
+    expected = torch.relu(F.linear(x64, w64))
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
+
+
+# ---- the amx route: the tile model, determinism, hardware against model ----
+
+
+@needs_tiles
+@pytest.mark.amx_grid
+def test_amx_reads_denormal_inputs_as_zero_and_flushes_denormal_sums():
+    """TDPBF16PS ignores MXCSR: a denormal bfloat16 input counts as zero, and a float32 sum that
+    is denormal becomes zero; our float32 routes keep both (2^-130 is a bfloat16 denormal)."""
+    x = torch.zeros(32, 32, dtype=torch.bfloat16)
+    w = torch.zeros(16, 32, dtype=torch.bfloat16)
+    x[0, 0] = 2.0**-130  # a bfloat16 denormal
+    w[0, 0] = 1.0
+    x[1, 0] = w[1, 0] = 2.0**-65  # normal, their product a float32 denormal
+    with forced_route("amx"):
+        tiles = ops.linear_relu(x, w)
+    with forced_route("tiles"):
+        float32 = ops.linear_relu(x, w)
+    assert tiles[0, 0].item() == 0.0 and tiles[1, 1].item() == 0.0
+    assert float32[0, 0].item() == 2.0**-130 and float32[1, 1].item() == 2.0**-130
+
+
+@needs_tiles
+@pytest.mark.amx_grid
+def test_amx_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(2, 33, 12, 12).bfloat16()
+    w = torch.randn(40, 33, 3, 3).bfloat16()
+    a = torch.randn(70, 96).bfloat16()
+    m = torch.randn(50, 96).bfloat16()
+
+    def run():
+        with forced_route("amx"):
+            out = ops.conv2d(x, w, padding=1)
+            grads = conv2d_backward(torch.ones_like(out), x, w, [1, 1], [1, 1], [1, 1], 1, False, [True, True, True])
+            lin = ops.linear_relu(a, m)
+            lin_grads = linear_relu_backward(torch.ones_like(lin), lin, a, m, [True, True, True])
+        return out, *grads, lin, *lin_grads
+
+    one, two = on_one_and_two_threads(run)
+    for x1, x2 in zip(one, two):
+        assert torch.equal(x1, x2)
+
+
+@needs_tiles
+@pytest.mark.amx_grid
+def test_amx_is_the_rule_for_wide_bf16_layers_in_a_training_step():
+    torch.manual_seed(2)
+    model = SmallNet(in_channels=32)
+    x = torch.randn(4, 32, 8, 8)
+    with forced_route("rule") as ran:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+    calls = ran.calls()
+    assert {route for (part, route) in calls if part.startswith(("conv2d", "linear_relu"))} == {"amx"}, dict(calls)
+
+
+AGREEMENT_CASES = """
+import torch, lightning_hw.ops as ops
+torch.manual_seed(7)
+x = torch.randn(2, 33, 9, 11).bfloat16(); w = torch.randn(40, 33, 3, 3).bfloat16(); b = torch.randn(40).bfloat16()
+a = torch.randn(70, 100).bfloat16(); m = torch.randn(50, 100).bfloat16(); c = torch.randn(50).bfloat16()
+out = ops.conv2d(x, w, b, stride=2, padding=1)
+grads = torch.ops.lightning_hw.conv2d_backward(torch.ones_like(out), x, w, [2, 2], [1, 1], [1, 1], 1, False, [True] * 3)
+lin = ops.linear_relu(a, m, c)
+lin_grads = torch.ops.lightning_hw.linear_relu_backward(torch.ones_like(lin), lin, a, m, [True] * 3)
+"""
+
+
+@pytest.mark.skipif(kernel_tiles()["isa"] != "amx", reason="this process does not run the AMX hardware tiles")
+def test_amx_hardware_agrees_with_the_tile_model(tmp_path):
+    """The same cases on the tiles and on their scalar model (a subprocess), within the bound of
+    each against float64: the two may differ in the order of float32 additions only."""
+    path = tmp_path / "emulated.pt"
+    code = AGREEMENT_CASES + f"torch.save([out, *grads, lin, *lin_grads], {str(path)!r})\n"
+    env = {**os.environ, "LIGHTNING_HW_CPU_ISA": "amx-emulated", "LIGHTNING_HW_ROUTE": "amx"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    emulated = torch.load(path, weights_only=True)
+    scope = {}
+    with forced_route("amx"):
+        exec(AGREEMENT_CASES, scope)  # noqa: S102  (the cases above, in this process)
+    hardware = [scope["out"], *scope["grads"], scope["lin"], *scope["lin_grads"]]
+    reductions = (33 * 9, 40 * 9, 2 * 5 * 6, 2 * 5 * 6, 100, 50, 70, 70)
+    for h, e, n in zip(hardware, emulated, reductions):
+        allowed = 2 * bound(h.double(), h.double().abs(), n, torch.bfloat16)
+        assert bool(((h.double() - e.double()).abs() <= allowed + 2 * UNIT_ROUNDOFF[torch.bfloat16]).all())
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("rows", "LDTILECFG tile 0 with 17 rows of 64 bytes (palette 1: at most 16 rows of 64 bytes"),
+        ("bytes", "LDTILECFG tile 0 with 16 rows of 68 bytes (palette 1: at most 16 rows of 64 bytes"),
+        ("half-empty", "rows and bytes per row must be both zero or both set"),
+        ("unconfigured", "TILELOADD with no tile configuration loaded"),
+        ("empty", "TILELOADD uses tile 5, which the configuration leaves empty"),
+        ("released", "TDPBF16PS (dst) with no tile configuration loaded"),
+        ("shapes", "TDPBF16PS shapes disagree: dst 16x64 bytes, src1 16x64, src2 8x64"),
+        ("multiple of 4", "TDPBF16PS with bytes per row not a multiple of 4"),
+    ],
+)
+def test_the_tile_model_refuses_what_the_hardware_faults_on(case, message):
+    with pytest.raises(RuntimeError, match=rf"AMX emulation: .*{message.split('(')[0]}") as error:
+        torch.ops.lightning_hw._amx_emulation_fault(case)
+    assert message in str(error.value)
+
+
+def test_amx_route_runs_here_or_on_the_tile_model():
+    """The amx route's grid runs in this process where it has tiles; elsewhere this says where."""
+    variants = dict(line.split("\t") for line in torch.ops.lightning_hw.cpu_isa_variants())
+    assert "amx-emulated" in variants and variants["amx-emulated"] == ""
+    if not HAS_TILES:
+        pytest.skip(f"{_AMX_WHY_NOT}; tests/test_isa_variants.py runs the amx_grid tests on amx-emulated")
+    assert kernel_tiles()["isa"] in ("amx", "amx-emulated")
+
+
 # ---- autocast ----
 
 
 class SmallNet(nn.Module):
-    """Both ops, as the reports' models use them; `layers` picks ours or torch.nn's."""
+    """Both ops, as the reports' models use them; ours, or torch.nn's (conv, hidden)."""
 
-    def __init__(self, conv=Conv2d, hidden=LinearReLU):
+    def __init__(self, conv=Conv2d, hidden=LinearReLU, in_channels=3):
         super().__init__()
-        self.conv = conv(3, 16, 3, padding=1)
+        self.conv = conv(in_channels, 16, 3, padding=1)
         self.hidden = hidden(16 * 8 * 8, 64)
         self.head = nn.Linear(64, 5)
 
@@ -238,7 +412,7 @@ class TorchLinearReLU(nn.Sequential):
         super().__init__(nn.Linear(in_features, out_features), nn.ReLU())
 
 
-@pytest.mark.parametrize("dtype", REDUCED, ids=REDUCED_IDS)
+@pytest.mark.parametrize("dtype", REDUCED_DTYPES, ids=DTYPE_IDS.get)
 def test_autocast_runs_the_ops_in_its_dtype(dtype):
     torch.manual_seed(3)
     ours = SmallNet()
@@ -268,8 +442,7 @@ def test_autocast_reads_its_dtype_at_call_time_and_leaves_float64_alone():
         assert ops.linear_relu(x, w).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.float16):
         assert ops.linear_relu(x, w).dtype == torch.float16
-        out64 = ops.conv2d(x.double().view(1, 1, 4, 10), w.double().view(1, 1, 6, 10)[..., :3, :3])
-        assert out64.dtype == torch.float64
+        assert ops.conv2d(x.double().view(1, 1, 4, 10), w.double()[:3, :3].view(1, 1, 3, 3)).dtype == torch.float64
     assert ops.linear_relu(x, w).dtype == torch.float32
 
 
@@ -303,10 +476,10 @@ def test_bf16_mixed_training_step_runs_our_ops_in_bf16(tmp_path):
     assert not torch.equal(model.net.conv.weight, before)
 
 
-# ---- opcheck, compile, non-finite ----
+# ---- opcheck, compile ----
 
 
-@pytest.mark.parametrize("dtype", REDUCED, ids=REDUCED_IDS)
+@pytest.mark.parametrize("dtype", REDUCED_DTYPES, ids=DTYPE_IDS.get)
 def test_opcheck(dtype):
     x = torch.randn(2, 3, 9, 9, dtype=dtype, requires_grad=True)
     w = torch.randn(6, 3, 3, 3, dtype=dtype, requires_grad=True)
@@ -314,43 +487,21 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.lightning_hw.conv2d.default, (x, w, b, [1, 1], [1, 1], [1, 1], 1, False))
     xl = torch.randn(5, 12, dtype=dtype, requires_grad=True)
     wl = torch.randn(7, 12, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.lightning_hw.linear_relu.default, (xl, wl, b[:1].expand(7).contiguous()))
+    bl = torch.randn(7, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.lightning_hw.linear_relu.default, (xl, wl, bl))
 
 
-def test_torch_compile_under_autocast_matches_eager():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_under_autocast_matches_eager(backend):
     torch.manual_seed(5)
     model = SmallNet()
     x = torch.randn(4, 3, 8, 8)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = model(x)
         traced = compiled(x)
     assert traced.dtype == eager.dtype
-    torch.testing.assert_close(traced, eager, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dtype", REDUCED, ids=REDUCED_IDS)
-@pytest.mark.parametrize("route", ["direct", "aten"])
-def test_conv2d_propagates_nan_and_inf_like_torch(route, dtype):
-    skip_unless_route_runs(route, dtype)
-    x = torch.randn(2, 4, 8, 8).to(dtype)
-    x[0, 1, 3, 4] = float("nan")
-    x[1, 2, 5, 5] = float("inf")
-    w = torch.randn(8, 4, 3, 3).to(dtype)
-    with forced_route(route):
-        out = ops.conv2d(x, w, padding=1)
-    expected = F.conv2d(x.double(), w.double(), padding=1)
-    assert torch.equal(out.isnan(), expected.isnan())
-    assert torch.equal(out.isinf(), expected.isinf())
-
-
-@pytest.mark.parametrize("dtype", REDUCED, ids=REDUCED_IDS)
-@pytest.mark.parametrize("route", ["streamed", "tiles", "blas"])
-def test_linear_relu_propagates_nan_like_torch(route, dtype):
-    x = torch.randn(20, 40).to(dtype)
-    x[3, 7] = float("nan")
-    w = torch.randn(80, 40).to(dtype)
-    with forced_route(route):
-        out = ops.linear_relu(x, w)
-    expected = torch.relu(F.linear(x.double(), w.double()))
-    assert torch.equal(out.isnan(), expected.isnan())
+    # Both run our ops on the same bfloat16 operands; inductor may fuse the casts and the
+    # elementwise ops around them in float32 (one bfloat16 rounding less or more).
+    tolerance = 0 if backend == "aot_eager" else 4 * UNIT_ROUNDOFF[torch.bfloat16] * eager.abs().max().item()
+    torch.testing.assert_close(traced, eager, rtol=0, atol=tolerance)

@@ -101,20 +101,6 @@ constexpr int64_t kBlock = 32;          // rows and columns of a block
 constexpr int64_t kStep = 32;           // reduction indices per tile step
 constexpr int64_t kTileElements = 512;  // bf16 in a packed B tile (1 KiB)
 
-bool cpu_has_amx_bf16() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  return (edx & (1u << 24)) != 0 && (edx & (1u << 22)) != 0;  // AMX-TILE, AMX-BF16
-}
-
-// Linux hands out the tile data state only on request, once per process;
-// without it the first tile instruction raises SIGILL.
-bool tile_data_permitted() {
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-
 const AmxKernels& kernels() {
   static const AmxKernels chosen =
       tile_source() == TileSource::kHardware ? hardware::amx_kernels() : emulated::amx_kernels();
@@ -437,22 +423,75 @@ at::Tensor pack_conv_weights(const at::Tensor& weight, bool transposed, int64_t 
 
 }  // namespace
 
+void emulation_fault(const std::string& case_name) {
+  using namespace emulated;
+  struct Reset {  // whatever happens, this thread's model ends unconfigured
+    ~Reset() { release(); }
+  } reset;
+  TileShape shapes[8];
+  for (TileShape& shape : shapes) shape = {16, 64};
+  alignas(64) uint8_t memory[16 * 64] = {};
+  release();
+  if (case_name == "rows") {
+    shapes[0] = {17, 64};
+    configure(shapes);
+  } else if (case_name == "bytes") {
+    shapes[0] = {16, 68};
+    configure(shapes);
+  } else if (case_name == "half-empty") {
+    shapes[3] = {0, 64};
+    configure(shapes);
+  } else if (case_name == "unconfigured") {
+    load<0>(memory, 64);
+  } else if (case_name == "empty") {
+    shapes[5] = {0, 0};
+    configure(shapes);
+    load<5>(memory, 64);
+  } else if (case_name == "released") {
+    configure(shapes);
+    release();
+    dpbf16ps<0, 4, 6>();
+  } else if (case_name == "shapes") {
+    shapes[6] = {8, 64};
+    configure(shapes);
+    dpbf16ps<0, 4, 6>();
+  } else if (case_name == "multiple of 4") {
+    shapes[0] = shapes[6] = {16, 62};
+    configure(shapes);
+    dpbf16ps<0, 4, 6>();
+  }
+  TORCH_CHECK(false, "_amx_emulation_fault: no fault case '", case_name, "'");
+}
+
+std::vector<std::string> hardware_missing() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  std::vector<std::string> missing;
+  const bool leaf7 = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx);
+  if (!leaf7 || (edx & (1u << 24)) == 0) missing.push_back("amx_tile");
+  if (!leaf7 || (edx & (1u << 22)) == 0) missing.push_back("amx_bf16");
+  // Linux hands out the tile data state only on request, once per process;
+  // without it the first tile instruction raises SIGILL.
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  if (missing.empty() && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+    missing.push_back("the tile data permission (arch_prctl ARCH_REQ_XCOMP_PERM refused)");
+  return missing;
+}
+
 TileSource tile_source() {
   static const TileSource source = [] {
-    const char* forced = std::getenv("LIGHTNING_HW_CPU_ISA");
-    const std::string want = forced ? forced : "";
-    if (want == "amx-emulated") return TileSource::kEmulated;
-    const bool hardware = cpu_has_amx_bf16() && tile_data_permitted();
-    if (want == "amx") {
-      TORCH_CHECK(
-          hardware, "LIGHTNING_HW_CPU_ISA=amx: this CPU has no AMX-BF16 tiles, or the kernel refused the tile data "
-          "permission; LIGHTNING_HW_CPU_ISA=amx-emulated runs the AMX kernels on a scalar model of the tiles");
-      return TileSource::kHardware;
-    }
-    // Another forced variant leaves AMX out; unforced, the CPU decides.
-    return want.empty() && hardware ? TileSource::kHardware : TileSource::kNone;
+    const std::string variant = cpu_isa_name();
+    return variant == "amx" ? TileSource::kHardware : variant == "amx-emulated" ? TileSource::kEmulated
+                                                                               : TileSource::kNone;
   }();
   return source;
+}
+
+std::string tiles_refusal() {
+  if (tile_source() != TileSource::kNone) return "";
+  return c10::str(
+      "amx needs AMX tiles: this process runs the ", cpu_isa_name(),
+      " kernels (LIGHTNING_HW_CPU_ISA=amx where the CPU has AMX-BF16, amx-emulated on any CPU)");
 }
 
 bool conv_can_run(const Conv2dShape& s) {

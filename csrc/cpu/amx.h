@@ -3,18 +3,20 @@
 // on tiles (the "amx" route of both ops, for bfloat16 operands). Sums are
 // float32 over the whole reduction, rounded once to bfloat16.
 //
-// The tile instructions come from the CPU where it has AMX-BF16 and the kernel
-// grants the tile data permission (arch_prctl(ARCH_REQ_XCOMP_PERM,
-// XFEATURE_XTILEDATA), asked once; a refusal leaves the route out), or from a
-// scalar model of them (amx_tiles_emulated.h) under LIGHTNING_HW_CPU_ISA=
-// amx-emulated, which runs the same kernel source on any CPU, for the tests.
-// LIGHTNING_HW_CPU_ISA=amx insists on the hardware (an error without it); any
-// other forced variant leaves AMX out.
+// The tile instructions come from the CPU in the "amx" kernel variant
+// (tile_kernels.h: chosen where the CPU has AMX-BF16 and the kernel grants the
+// tile data permission, arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA),
+// asked once), or from a scalar model of them (amx_tiles_emulated.h) in the
+// "amx-emulated" variant, which runs the same kernel source on any CPU
+// (LIGHTNING_HW_CPU_ISA=amx-emulated, for the tests). Other variants have no
+// amx route.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "conv2d_geometry.h"
 
@@ -24,13 +26,24 @@ namespace amx {
 
 enum class TileSource { kNone, kHardware, kEmulated };
 
-// Where this process's tile instructions come from (decided once).
+// Where this process's tile instructions come from: its kernel variant's.
 TileSource tile_source();
+
+// Why this process has no amx route ("" where it has one).
+std::string tiles_refusal();
+
+// What the "amx" variant needs that this CPU (or its kernel) does not give:
+// amx_tile, amx_bf16, the tile data permission. Asks for the permission.
+std::vector<std::string> hardware_missing();
 
 // The "amx" route can run conv2d of this shape: one group (the tiles reduce
 // over 32 input channels at a time; grouped and depthwise convolutions keep
 // their own routes).
 bool conv_can_run(const Conv2dShape& s);
+
+// Runs a named misuse of the tile model (amx_tiles_emulated.h) that the
+// hardware would fault on, so that its check raises: for the tests.
+void emulation_fault(const std::string& case_name);
 
 // linear_relu's GEMMs on contiguous bfloat16 matrices: x (rows, in), w (out,
 // in), grad_pre (rows, out: grad_output masked by the ReLU).

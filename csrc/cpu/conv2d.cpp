@@ -50,6 +50,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -171,6 +173,14 @@ void fill_nhwc(
       }
     }
   });
+}
+
+// Whether the n values at p are all finite (no infinity, no NaN).
+template <typename scalar_t>
+bool all_finite(const scalar_t* p, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(p[i]);
+  return finite;
 }
 
 // A zero-padded (and possibly zero-stuffed) planar view of a 4-D (N, C, H, W)
@@ -893,16 +903,20 @@ std::string conv_rule_route(const Conv2dShape& s, ConvPart part) {
   return planar ? "planar" : "direct";
 }
 
-// The "amx" route: bfloat16 on AMX tiles (or their model), one group. The
-// built-in rule gives it the convolutions with channels enough on both sides
-// to fill the tiles' 32-channel steps and 16-channel columns.
-bool amx_can_run(const Conv2dShape& s, at::ScalarType dtype) {
-  return dtype == at::kBFloat16 && cpu::amx::tile_source() != cpu::amx::TileSource::kNone &&
-         cpu::amx::conv_can_run(s);
+// Why the "amx" route (bfloat16 on AMX tiles, or their model) cannot run a
+// convolution: empty where it can.
+std::string amx_refusal(const Conv2dShape& s, at::ScalarType dtype) {
+  if (dtype != at::kBFloat16) return c10::str("amx runs bfloat16 convolutions; this one is ", dtype);
+  const std::string tiles = cpu::amx::tiles_refusal();
+  if (!tiles.empty()) return tiles;
+  if (!cpu::amx::conv_can_run(s)) return c10::str("amx runs convolutions of one group; this one has ", s.groups);
+  return "";
 }
 
-bool amx_suits(const Conv2dShape& s, at::ScalarType dtype) {
-  return amx_can_run(s, dtype) && s.in_channels >= 16 && s.out_channels >= 16;
+// The built-in rule gives the amx route the convolutions with channels enough
+// on both sides to fill the tiles' 32-channel steps and 16-channel columns.
+bool amx_suits(const Conv2dShape& s) {
+  return s.in_channels >= 16 && s.out_channels >= 16;
 }
 
 // at::convolution pads both sides alike: 'same' padding with an odd span
@@ -911,12 +925,24 @@ bool aten_can_run(const Conv2dShape& s, bool pad_same) {
   return !pad_same || (((s.kernel_h - 1) * s.dilation_h) % 2 == 0 && ((s.kernel_w - 1) * s.dilation_w) % 2 == 0);
 }
 
+// Why the planar kernels do not take a part: `convolution` says what its
+// convolution is, with out_per_group outputs per group and reduce
+// multiply-adds per output.
+template <typename scalar_t>
+std::string planar_refusal(const std::string& convolution, int64_t out_per_group, int64_t reduce) {
+  return c10::str(
+      "planar runs stride-1 convolutions with at most ", lanes<scalar_t>() / 2,
+      " output channels per group or at most ", kPlanarMaxReduce, " multiply-adds per output; ", convolution, " has ",
+      out_per_group, " output channels per group and ", reduce, " multiply-adds per output");
+}
+
 // `dtype` is the op's (our kernels compute in scalar_t, see cpu/precision.h).
 template <typename scalar_t>
 cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_same, at::ScalarType dtype) {
   static constexpr const char* kOps[] = {"conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"};
   cpu::RouteQuery query;
   query.op = kOps[static_cast<int>(part)];
+  query.family = "conv2d";
   query.shape = c10::str(
       c10::toString(dtype), " ", s.batch, "x", s.in_channels, "x", s.in_h, "x",
       s.in_w, " out ", s.out_channels, "x", s.out_h, "x", s.out_w, " k", s.kernel_h, "x", s.kernel_w, " s",
@@ -927,12 +953,49 @@ cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_s
   // The direct kernels run every shape; they are timed against the planar
   // ones (whose rule is a threshold), not against depthwise (one useful lane
   // in a vector there).
-  if (ours == "planar") query.candidates.push_back("direct");
-  if (amx_can_run(s, dtype)) query.candidates.push_back("amx");
-  query.fallback = amx_suits(s, dtype) ? "amx" : ours;
-  if (aten_can_run(s, pad_same) && cpu::torch_kernels_accumulate_in_float(dtype)) query.candidates.push_back("aten");
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  if (ours == "depthwise") {
+    const std::string why = c10::str(
+        "a depthwise convolution (in_channels == out_channels == groups == ", s.groups, ") runs the depthwise route");
+    query.excluded = {{"direct", why}, {"planar", why}};
+  } else {
+    query.excluded.emplace_back(
+        "depthwise", c10::str("depthwise runs convolutions with in_channels == out_channels == groups; here in_channels ",
+                              s.in_channels, ", out_channels ", s.out_channels, ", groups ", s.groups));
+    if (ours == "planar") {
+      query.candidates.push_back("direct");
+    } else if (part == ConvPart::kInputGrad) {
+      query.excluded.emplace_back(
+          "planar", planar_refusal<scalar_t>(
+                        "the input gradient (a stride-1 convolution of grad_output)", s.in_channels_per_group(),
+                        s.out_channels_per_group() * taps));
+    } else {
+      query.excluded.emplace_back(
+          "planar", planar_refusal<scalar_t>(
+                        c10::str("this convolution (stride ", s.stride_h, "x", s.stride_w, ")"),
+                        s.out_channels_per_group(), s.in_channels_per_group() * taps));
+    }
+  }
+  const std::string amx_refused = amx_refusal(s, dtype);
+  if (amx_refused.empty()) {
+    query.candidates.push_back("amx");
+  } else {
+    query.excluded.emplace_back("amx", amx_refused);
+  }
+  if (!aten_can_run(s, pad_same)) {
+    query.excluded.emplace_back(
+        "aten", c10::str(
+                    "torch's convolution pads both sides alike, and padding='same' with a kernel extent of ",
+                    (s.kernel_h - 1) * s.dilation_h + 1, "x", (s.kernel_w - 1) * s.dilation_w + 1,
+                    " pads one side more"));
+  } else if (!cpu::torch_kernels_accumulate_in_float(dtype)) {
+    query.excluded.emplace_back("aten", cpu::torch_rounds_partial_sums(dtype));
+  } else {
+    query.candidates.push_back("aten");
+  }
+  query.fallback = amx_refused.empty() && amx_suits(s) ? "amx" : ours;
   query.flops = 2.0 * double(s.batch) * double(s.out_channels) * double(s.out_h * s.out_w) *
-                double(s.in_channels_per_group() * s.kernel_h * s.kernel_w);
+                double(s.in_channels_per_group() * taps);
   return query;
 }
 
@@ -1199,8 +1262,12 @@ void weight_grad_impl(
 // count. The bias gradient is one more position per group whose input rows
 // are all ones: with both wanted, grad_output is read once for the two (and
 // the bias sums come out the same, bit for bit, with or without the weights).
+// The rows' columns past the output width meet zeros of grad_output: an
+// infinite or NaN input there would make 0 * inf = NaN where torch has none,
+// so with such input the weight gradient is not final and this returns false
+// (the caller computes it again by the direct kernels); else true.
 template <typename scalar_t>
-void planar_weight_grad_impl(
+bool planar_weight_grad_impl(
     const at::Tensor& input4,
     const at::Tensor& grad4,
     const Conv2dShape& s,
@@ -1245,7 +1312,9 @@ void planar_weight_grad_impl(
   scalar_t* partial_data = zeroed_partials<scalar_t>(parts * outputs * NL, partial_keep);
   const PaddedPlanes<scalar_t> x_src(input4, s.pad_top, s.pad_left, 1, 1);
   const PaddedPlanes<scalar_t> g_src(grad4, 0, 0, 1, 1);
+  std::atomic<bool> all_input_finite{true};
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    bool input_finite = true;
     at::Tensor x_keep, g_keep;
     scalar_t* x_buffer = workspace<scalar_t>(kRowsSlot, x_channels * x_channel_stride, x_keep);
     std::fill(x_buffer + s.in_channels * x_channel_stride, x_buffer + x_channels * x_channel_stride, scalar_t(1));
@@ -1255,7 +1324,11 @@ void planar_weight_grad_impl(
     for (int64_t part = begin; part < end; ++part) {
       scalar_t* acc = partial_data + part * outputs * NL;
       for_each_row_chunk(part, parts, rows, s.out_h, chunk_rows, [&](int64_t n, int64_t oh, int64_t count) {
-        if (grad_weight != nullptr) x_src.copy(n, 0, s.in_channels, oh, count + reach, x_buffer, x_w, x_channel_stride);
+        if (grad_weight != nullptr) {
+          x_src.copy(n, 0, s.in_channels, oh, count + reach, x_buffer, x_w, x_channel_stride);
+          for (int64_t c = 0; c < s.in_channels; ++c)
+            if (!all_finite(x_buffer + c * x_channel_stride, (count + reach) * x_w)) input_finite = false;
+        }
         const scalar_t* g;
         int64_t g_row_stride, g_channel_stride;
         if (grad_in_place) {
@@ -1281,6 +1354,7 @@ void planar_weight_grad_impl(
         }
       });
     }
+    if (!input_finite) all_input_finite = false;
   });
 
   // grad_weight (Cout, Cin/groups, KH, KW) is [co][q < weight_positions]; the
@@ -1302,6 +1376,7 @@ void planar_weight_grad_impl(
       }
     }
   });
+  return all_input_finite;
 }
 
 // grad_bias[c]: the sum of grad_output over images and pixels of channel c.
@@ -1342,8 +1417,8 @@ void weight_grad_route(
   // The planar shapes (few channels): grad_output in NHWC would be mostly
   // padding lanes, and its copy would cost more than the arithmetic.
   if (route == "planar") {
-    planar_weight_grad_impl<scalar_t>(input4, grad4, s, grad_weight, grad_bias);
-    return;
+    if (planar_weight_grad_impl<scalar_t>(input4, grad4, s, grad_weight, grad_bias)) return;
+    grad_bias = nullptr;  // done; the weight gradient again, by the direct kernels
   }
   if (grad_weight != nullptr) {
     const int64_t cout_g_padded = round_up(s.out_channels_per_group(), lanes<scalar_t>());
@@ -1406,15 +1481,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       const bool amx_weight = route == "amx" && output_mask[1] && cpu::amx::conv_weight_grad(grad4, input4, s, grad_weight);
       const std::string ours = route == "amx" ? conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad) : route;
       const bool weight_by_ours = output_mask[1] && !amx_weight;
+      if (!weight_by_ours && !output_mask[2]) return;
       at::Tensor weight_buffer = cpu::compute_buffer(grad_weight), bias_buffer = cpu::compute_buffer(grad_bias);
-      if (weight_by_ours) {
-        weight_grad_route<scalar_t>(
-            ours, cpu::in_compute_dtype(input4), cpu::in_compute_dtype(grad4), s, &weight_buffer,
-            output_mask[2] ? &bias_buffer : nullptr);
-        cpu::store_result(grad_weight, weight_buffer);
-      } else if (output_mask[2]) {
-        bias_grad_impl<scalar_t>(cpu::in_compute_dtype(grad4), bias_buffer);
-      }
+      weight_grad_route<scalar_t>(
+          ours, cpu::in_compute_dtype(input4), cpu::in_compute_dtype(grad4), s, weight_by_ours ? &weight_buffer : nullptr,
+          output_mask[2] ? &bias_buffer : nullptr);
+      if (weight_by_ours) cpu::store_result(grad_weight, weight_buffer);
       cpu::store_result(grad_bias, bias_buffer);
     };
     const std::string input_route =
@@ -1422,7 +1494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
             ? cpu::choose_route(
                   conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same, input.scalar_type()), run_input_grad)
             : "";
-    // The bias gradient alone is one pass over grad_output: nothing to time.
+    // The bias gradient alone is one pass over grad_output: nothing to time or force.
     std::string weight_route;
     if (output_mask[1]) {
       weight_route =
@@ -1448,6 +1520,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
 }
 
 }  // namespace
+
+std::vector<std::string> cpu::conv2d_routes(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool pad_same) {
+  const Conv2dShape s = conv2d_shape_of(input, weight, std::nullopt, stride, padding, dilation, groups, pad_same);
+  std::vector<std::string> lines;
+  AT_DISPATCH_FLOATING_TYPES(cpu::compute_dtype(input.scalar_type()), "lightning_hw::conv2d_cpu_routes", [&] {
+    for (const ConvPart part : {ConvPart::kForward, ConvPart::kInputGrad, ConvPart::kWeightGrad})
+      for (std::string& line : cpu::describe_routes(conv_route_query<scalar_t>(s, part, pad_same, input.scalar_type())))
+        lines.push_back(std::move(line));
+  });
+  return lines;
+}
+
 }  // namespace lightning_hw
 
 TORCH_LIBRARY_IMPL(lightning_hw, CPU, m) {

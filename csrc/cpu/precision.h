@@ -14,6 +14,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/StringUtil.h>
+
+#include <string>
 
 namespace lightning_hw {
 namespace cpu {
@@ -41,6 +44,13 @@ inline bool torch_kernels_accumulate_in_float(at::ScalarType dtype) {
   if (dtype == at::kBFloat16) return bf16;
   if (dtype == at::kHalf) return fp16;
   return true;
+}
+
+// Why torch's own convolution is no route for `dtype` on this CPU.
+inline std::string torch_rounds_partial_sums(at::ScalarType dtype) {
+  return c10::str(
+      "torch runs ", dtype, " convolutions on this CPU without oneDNN, rounding partial sums to ", dtype,
+      " (not float32 accumulation)");
 }
 
 // An operand in its compute dtype (the tensor itself where that is its own).

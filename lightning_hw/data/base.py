@@ -19,6 +19,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_hw.errors import CommandError
+
 NORMALIZE_MODES = ("none", "mean_image", "per_channel")
 # The image files read from folders (training splits and prediction).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -432,12 +434,12 @@ def read_image_folder(
     with no image files, is a DataNotFoundError.
     """
     if not folder.is_dir():
-        raise DataNotFoundError(f"predict_dir {folder} is not a folder: give a folder of images to classify")
+        raise DataNotFoundError(f"predict_dir is not a folder ({folder}): give a folder of images to classify")
     files = list_image_files(folder)
     if not files:
         raise DataNotFoundError(
-            f"predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
-            "in it or in its subfolders"
+            f"predict_dir holds no image files ({folder}): put the images to classify in it or its subfolders "
+            f"({', '.join(IMAGE_EXTENSIONS)})"
         )
     images, names, skipped = [], [], []
     for path in files:
@@ -610,9 +612,11 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         elif self._preprocessor is not None:
             mean, std = self._preprocessor.mean, self._preprocessor.std
         else:
-            raise RuntimeError(
+            raise CommandError(
                 f"predicting images with normalize={self.normalize!r} needs the train split's statistics, and "
-                "none were loaded: pass the checkpoint of a fit (--ckpt_path), whose DataModule state carries them"
+                "the checkpoint carries none",
+                None,
+                "pass a checkpoint written by fit (--ckpt_path), whose DataModule state carries them",
             )
         # Image files hold 0..255, whatever range the data set's own files store.
         preprocessor = BatchPreprocessor(1.0 / 255.0, mean, std, self.flatten)
