@@ -9,7 +9,7 @@
 //   LIGHTNING_HW_AUTOTUNE=0       no timing: the built-in rule (`fallback`)
 //   LIGHTNING_HW_ROUTE=NAME[,NAME...]
 //                                 force routes, read on every call. Route names
-//                                 belong to one op each (op_routes()): each part of
+//                                 belong to their op (op_routes(); "amx" to both): each part of
 //                                 an op runs the first route listed for that op that
 //                                 can run its shape, and listing routes of an op none
 //                                 of which can run the shape is an error that names
@@ -54,8 +54,8 @@ constexpr double kMinTimedFlops = 4e6;
 
 // Every CPU route of each op, by the names LIGHTNING_HW_ROUTE takes: conv2d's
 // direct, planar, depthwise (ours) and aten (torch's convolution); linear_relu's
-// streamed, tiles (ours) and blas (torch's GEMM). A new route is added here and
-// to its op's query.
+// streamed, tiles (ours) and blas (torch's GEMM); both ops' amx (ours, bfloat16
+// on AMX tiles: amx.h). A new route is added here and to its op's query.
 const std::vector<std::pair<std::string, std::vector<std::string>>>& op_routes();
 
 // The route to run. The first time a shape is seen (and timing is on), every
