@@ -23,9 +23,12 @@ test: install
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz_ops.py $(PYTEST_ARGS)
 
+# The op benchmarks and the end-to-end epoch, in float32 and under CPU autocast to bfloat16.
 bench: install
 	$(PY) benchmarks/bench_ops.py --markdown
+	$(PY) benchmarks/bench_ops.py --autocast bfloat16 --markdown
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py --precision bf16-mixed
 
 # Every GPU step of issue 17 in one command, for a bare GPU machine (its own python3; no venv):
 # benchmarks/gpu_check.sh, whose header says how to run it there and how to check it on a CPU
