@@ -265,8 +265,18 @@ int64_t source_index(int64_t virtual_index, int64_t offset, int64_t step, int64_
   return shifted / step;
 }
 
+// The source column (or row) of each plane column of each phase: -1 where the
+// plane holds a zero. `phases` phases of `count` positions each.
+std::vector<int64_t> source_indices(int64_t phases, int64_t count, int64_t offset, int64_t step, int64_t extent) {
+  std::vector<int64_t> map(phases * count);
+  for (int64_t phase = 0; phase < phases; ++phase)
+    for (int64_t j = 0; j < count; ++j) map[phase * count + j] = source_index(j * phases + phase, offset, step, extent);
+  return map;
+}
+
 // Channels-last planes [n][phase][position][channel], channels padded to
-// `channels` (whole steps of 32).
+// `channels` (whole steps of 32). Each source row is read along its pixels,
+// one channel at a time, and written across the channels of the plane row.
 at::Tensor channels_last_planes(const at::Tensor& src4, const Planes& g, int64_t channels) {
   const int64_t batch = src4.size(0), c_size = src4.size(1), h = src4.size(2), w = src4.size(3);
   const int64_t phases = g.phases_h * g.phases_w, plane = g.size() * channels;
@@ -274,17 +284,19 @@ at::Tensor channels_last_planes(const at::Tensor& src4, const Planes& g, int64_t
   uint16_t* out = mutable_bits(planes);
   const uint16_t* in = bits(src4);
   const int64_t sn = src4.stride(0), sc = src4.stride(1), sh = src4.stride(2), sw = src4.stride(3);
+  const std::vector<int64_t> rows = source_indices(g.phases_h, g.rows, g.offset_h, g.step_h, h);
+  const std::vector<int64_t> cols = source_indices(g.phases_w, g.cols, g.offset_w, g.step_w, w);
   at::parallel_for(0, batch * phases * g.rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (phases * g.rows), phase = (item / g.rows) % phases, i = item % g.rows;
-      const int64_t y = source_index(i * g.phases_h + phase / g.phases_w, g.offset_h, g.step_h, h);
+      const int64_t y = rows[(phase / g.phases_w) * g.rows + i];
       if (y < 0) continue;
       uint16_t* row = out + (n * phases + phase) * plane + i * g.cols * channels;
-      for (int64_t j = 0; j < g.cols; ++j) {
-        const int64_t x = source_index(j * g.phases_w + phase % g.phases_w, g.offset_w, g.step_w, w);
-        if (x < 0) continue;
-        const uint16_t* pixel = in + n * sn + y * sh + x * sw;
-        for (int64_t c = 0; c < c_size; ++c) row[j * channels + c] = pixel[c * sc];
+      const int64_t* x = &cols[(phase % g.phases_w) * g.cols];
+      for (int64_t c = 0; c < c_size; ++c) {
+        const uint16_t* source = in + n * sn + c * sc + y * sh;
+        for (int64_t j = 0; j < g.cols; ++j)
+          if (x[j] >= 0) row[j * channels + c] = source[x[j] * sw];
       }
     }
   });
@@ -304,19 +316,22 @@ at::Tensor channel_major_planes(const at::Tensor& src4, const Planes& g, int64_t
   uint16_t* out = mutable_bits(planes);
   const uint16_t* in = bits(src4);
   const int64_t sn = src4.stride(0), sc = src4.stride(1), sh = src4.stride(2), sw = src4.stride(3);
+  const std::vector<int64_t> rows = source_indices(g.phases_h, g.rows, g.offset_h, g.step_h, h);
+  const std::vector<int64_t> cols = source_indices(g.phases_w, g.cols, g.offset_w, g.step_w, w);
   std::atomic<bool> finite_so_far{true};
   at::parallel_for(0, batch * c_size * phases, 1, [&](int64_t begin, int64_t end) {
     bool finite_here = true;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / (c_size * phases), c = (item / phases) % c_size, phase = item % phases;
       uint16_t* dst = out + ((n * channels + c) * phases + phase) * plane;
+      const int64_t* x = &cols[(phase % g.phases_w) * g.cols];
       for (int64_t i = 0; i < g.rows; ++i) {
-        const int64_t y = source_index(i * g.phases_h + phase / g.phases_w, g.offset_h, g.step_h, h);
+        const int64_t y = rows[(phase / g.phases_w) * g.rows + i];
         if (y < 0) continue;
+        const uint16_t* source = in + n * sn + c * sc + y * sh;
         for (int64_t j = 0; j < g.cols; ++j) {
-          const int64_t x = source_index(j * g.phases_w + phase % g.phases_w, g.offset_w, g.step_w, w);
-          if (x < 0) continue;
-          const uint16_t value = in[n * sn + c * sc + y * sh + x * sw];
+          if (x[j] < 0) continue;
+          const uint16_t value = source[x[j] * sw];
           finite_here = finite_here && finite(value);
           dst[i * g.cols + j] = value;
         }
@@ -383,12 +398,14 @@ void planes_conv(const at::Tensor& planes, const Planes& g, int64_t channels, co
       },
       [&](int64_t item, const float* sums) {
         const int64_t n = item / (m_blocks * n_pairs), mb = item % m_blocks, np = (item / m_blocks) % n_pairs;
-        for (int64_t r = 0; r < kBlock; ++r) {
-          const int64_t p = mb * kBlock + r, oh = p / g.cols, ow = p % g.cols;
-          if (p >= positions || ow >= out_w) continue;
-          for (int64_t j = 0; j < kBlock && np * kBlock + j < out_channels; ++j) {
-            const int64_t o = np * kBlock + j;
-            out[n * on + o * oc + oh * oy + ow * ox] = at::BFloat16(sums[r * kBlock + j] + (bias.empty() ? 0.f : bias[o]));
+        // Along the block's pixels, one output channel at a time: whole runs of each NCHW row.
+        for (int64_t j = 0; j < kBlock && np * kBlock + j < out_channels; ++j) {
+          const int64_t o = np * kBlock + j;
+          const float add = bias.empty() ? 0.f : bias[o];
+          at::BFloat16* channel = out + n * on + o * oc;
+          for (int64_t r = 0; r < kBlock; ++r) {
+            const int64_t p = mb * kBlock + r, oh = p / g.cols, ow = p % g.cols;
+            if (p < positions && ow < out_w) channel[oh * oy + ow * ox] = at::BFloat16(sums[r * kBlock + j] + add);
           }
         }
       });
