@@ -9,6 +9,8 @@ bound grows with each element's own scale and with the reduction length.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Unit roundoff: half the distance from 1 to the next value.
@@ -26,16 +28,22 @@ def bound(reference, magnitude, reduction: int, dtype, extra=None):
 
 
 def assert_within_bound(actual, reference, magnitude, reduction: int, dtype, extra=None, what=""):
-    """actual (of `dtype`) is within bound() of the float64 reference, element by element."""
+    """actual (of `dtype`) is within bound() of the float64 reference, element by element; NaN and
+    infinities where the reference has them (the ops propagate them as torch does), and an infinity
+    of the reference's sign where the reference lies past the dtype's largest value (float16 tops
+    out at 65504; within a rounding of that edge either is right)."""
     assert actual.dtype == dtype, (what, actual.dtype)
     assert actual.shape == reference.shape, (what, actual.shape, reference.shape)
+    largest = torch.finfo(dtype).max
+    overflow = reference.abs() >= largest * (1 + 2 * UNIT_ROUNDOFF[dtype])
+    edge = (reference.abs() > largest) & ~overflow
+    reference = torch.where(overflow, reference.sign() * math.inf, reference)
+    assert torch.equal(actual.isnan(), reference.isnan()), f"{what}: NaN in other places than the reference's"
+    assert torch.equal((actual.isinf() & ~edge), (reference.isinf() & ~edge)), f"{what}: infinities differ"
+    assert torch.equal(actual[reference.isinf()], reference[reference.isinf()].to(dtype)), f"{what}: infinity signs"
+    check = reference.isfinite() & ~edge
     allowed = bound(reference, magnitude, reduction, dtype, extra)
     error = (actual.double() - reference).abs()
-    # NaN where the reference is NaN: the same places (the ops propagate NaN as torch does).
-    assert torch.equal(actual.isnan(), reference.isnan()), f"{what}: NaN in other places than the reference's"
-    finite = ~reference.isnan()
-    assert torch.equal(actual.isinf() & finite, reference.isinf()), f"{what}: infinities differ from the reference's"
-    check = finite & ~reference.isinf()
     if not bool((error[check] <= allowed[check]).all()):
         excess = torch.where(check, error - allowed, torch.zeros_like(error))
         worst = excess.argmax()
