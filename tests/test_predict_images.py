@@ -20,7 +20,8 @@ from PIL import Image
 from fakes import write_cifar10
 from lightning_hw.cli import main
 from lightning_hw.data import CIFAR10DataModule
-from lightning_hw.data.base import DataFormatError, DataNotFoundError, load_image, read_image_folder
+from lightning_hw.data.errors import DataFormatError, DataNotFoundError
+from lightning_hw.data.images import load_image, read_image_folder
 from lightning_hw.models import TwoLayerNet
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -159,7 +160,7 @@ def test_predict_dir_needs_the_statistics_of_a_checkpoint(cifar_run, tmp_path):
     stripped = torch.load(checkpoint, weights_only=True)
     del stripped["CIFAR10DataModule"]  # as a checkpoint written before DataModules kept their state
     torch.save(stripped, tmp_path / "old.ckpt")
-    with pytest.raises(RuntimeError, match="needs the train split's statistics"):
+    with pytest.raises(RuntimeError, match="need the train split's statistics"):
         run(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={tmp_path / 'old.ckpt'}",
              f"--data.predict_dir={tmp_path / 'photos'}", f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET])  # fmt: skip
 
