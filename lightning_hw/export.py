@@ -90,7 +90,7 @@ def datamodule_from_config(config_path: Path) -> ImageClassificationDataModule:
     try:
         config = yaml.safe_load(config_path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ExportError(f"cannot read config ({config_path}): {error}; give the run's config.yaml", USAGE_ERROR)
+        raise ExportError(f"cannot read config ({config_path}): {error}; give the run's config.yaml", USAGE_ERROR) from error
     data = config.get("data") if isinstance(config, dict) else None
     if not isinstance(data, dict):
         raise ExportError(
@@ -117,7 +117,7 @@ def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict]:
         return load_member(path, torch.device("cpu")), checkpoint
     except Exception as error:  # truncated, not a checkpoint, not from fit, an unknown model class
         raise ExportError(
-            f"cannot load checkpoint ({path}): {error}. Give a checkpoint written by fit, with the run's config.yaml"
+            f"cannot load checkpoint ({path}): {error}; give a checkpoint written by fit, with the run's config.yaml"
         ) from error
 
 
@@ -131,15 +131,15 @@ def deployed_classifier(
     described = (datamodule.num_classes, tuple(datamodule.input_shape))
     if trained_for != described or list(model.class_names) != list(datamodule.class_names):
         raise ExportError(
-            f"checkpoint {checkpoint_path} was trained for {trained_for[0]} classes ({', '.join(model.class_names)}) "
-            f"of shape {trained_for[1]}, and config {config_path} describes {described[0]} "
-            f"({', '.join(datamodule.class_names)}) of shape {described[1]}: give the run's own config.yaml"
+            f"checkpoint and config describe different models ({checkpoint_path}: {trained_for[0]} classes "
+            f"({', '.join(model.class_names)}) of shape {trained_for[1]}; {config_path}: {described[0]} classes "
+            f"({', '.join(datamodule.class_names)}) of shape {described[1]}): give the run's own config.yaml"
         )
     try:
         datamodule.load_state_dict(checkpoint.get(type(datamodule).__qualname__, {}))
         normalization = datamodule.image_file_normalization()
     except (ValueError, RuntimeError) as error:
-        raise ExportError(f"checkpoint {checkpoint_path} and config {config_path} do not fit together: {error}") from error
+        raise ExportError(f"checkpoint and config do not fit together ({checkpoint_path}, {config_path}): {error}") from error
     return DeployedClassifier(normalization, model).eval()
 
 
@@ -195,10 +195,18 @@ def check_exported(model_proto, deployed: DeployedClassifier, image_shape: Seque
 
     from lightning_hw import onnx_ops
 
-    onnx.checker.check_model(model_proto, full_check=True)
+    try:
+        onnx.checker.check_model(model_proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(
+            f"the exported graph fails onnx.checker ({error}): the file was not written; please report this"
+        ) from error
     foreign = onnx_ops.nonstandard_operators(model_proto)
     if foreign:
-        raise ExportError(f"the exported graph holds non-standard operators ({', '.join(foreign)}): please report this")
+        raise ExportError(
+            f"the exported graph holds non-standard operators ({', '.join(foreign)}): the file was not written; "
+            "please report this"
+        )
     session = onnxruntime.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     largest = 0.0
     for batch in (1, 3):

@@ -40,7 +40,7 @@ def require_export_packages(*names: str) -> None:
     for name in names or tuple(EXPORT_PACKAGES):
         if importlib.util.find_spec(name) is None:
             raise ImportError(
-                f"ONNX export needs the package {name} ({EXPORT_PACKAGES[name]}), which is not installed: "
+                f"ONNX export needs the package {name}, which is not installed ({EXPORT_PACKAGES[name]}): "
                 f"pip install 'lightning_hw[export]' (or pip install {name})"
             )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 import time
@@ -298,3 +299,37 @@ class PauseAtTrainBatch(pl.Callback):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch_index:
             self.marker.write_text(str(trainer.global_step))
             time.sleep(self.seconds)
+
+
+# ---------------------------------------------------------------------------
+# A folder of photos to classify (predict --data.predict_dir, exported models)
+
+
+def write_photo_folder(folder: Path, rng: np.random.Generator) -> dict[str, Image.Image]:
+    """Images in several formats, modes and sizes (some in a subfolder), plus files that are not images
+    or cannot be read. Returns the readable ones by relative path, as Pillow images."""
+    (folder / "holiday" / "day 2").mkdir(parents=True)
+
+    def pixels(height, width, channels):
+        return rng.integers(0, 256, (height, width, channels), dtype=np.uint8).squeeze(-1 if channels == 1 else None)
+
+    images = {
+        "cat.png": Image.fromarray(pixels(32, 32, 3), "RGB"),
+        "holiday/photo.jpg": Image.fromarray(pixels(40, 48, 3), "RGB"),
+        "holiday/day 2/scan.bmp": Image.fromarray(pixels(40, 24, 1), "L"),
+        "logo.png": Image.fromarray(pixels(20, 20, 4), "RGBA"),
+        "small.gif": Image.fromarray(pixels(16, 16, 3), "RGB").convert("P"),
+        "gray16.png": Image.fromarray((rng.integers(0, 65536, (33, 31)) // 1).astype(np.uint16)),
+    }
+    for name, image in images.items():
+        image.save(folder / name)
+    with Image.open(folder / "holiday/photo.jpg") as decoded:  # JPEG is lossy: what the file holds
+        images["holiday/photo.jpg"] = decoded.copy()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))  # signature, then garbage
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels(64, 64, 3), "RGB").save(jpeg, "JPEG")
+    (folder / "holiday" / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
+    os.mkfifo(folder / "pipe.png")  # reading it would block forever
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"hidden files are left out")
+    return images

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fakes import write_cifar10
+from fakes import write_cifar10, write_photo_folder
 from lightning_hw.cli import main
 from lightning_hw.data import CIFAR10DataModule
 from lightning_hw.data.errors import DataFormatError, DataNotFoundError
@@ -46,36 +45,6 @@ def cifar_run(tmp_path_factory):
                   "--trainer.max_steps=6", f"--trainer.default_root_dir={root / 'runs'}", *QUIET])  # fmt: skip
     summary = dict(part.split(": ", 1) for part in output.strip().splitlines()[-1].split(" | "))
     return Path(summary["logs"]), Path(summary["checkpoint"]), data_dir
-
-
-def write_photo_folder(folder: Path, rng: np.random.Generator) -> dict[str, Image.Image]:
-    """Images in several formats, modes and sizes (some in a subfolder), plus files that are not images
-    or cannot be read. Returns the readable ones by relative path, as Pillow images."""
-    (folder / "holiday" / "day 2").mkdir(parents=True)
-
-    def pixels(height, width, channels):
-        return rng.integers(0, 256, (height, width, channels), dtype=np.uint8).squeeze(-1 if channels == 1 else None)
-
-    images = {
-        "cat.png": Image.fromarray(pixels(32, 32, 3), "RGB"),
-        "holiday/photo.jpg": Image.fromarray(pixels(40, 48, 3), "RGB"),
-        "holiday/day 2/scan.bmp": Image.fromarray(pixels(40, 24, 1), "L"),
-        "logo.png": Image.fromarray(pixels(20, 20, 4), "RGBA"),
-        "small.gif": Image.fromarray(pixels(16, 16, 3), "RGB").convert("P"),
-        "gray16.png": Image.fromarray((rng.integers(0, 65536, (33, 31)) // 1).astype(np.uint16)),
-    }
-    for name, image in images.items():
-        image.save(folder / name)
-    with Image.open(folder / "holiday/photo.jpg") as decoded:  # JPEG is lossy: what the file holds
-        images["holiday/photo.jpg"] = decoded.copy()
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))  # signature, then garbage
-    jpeg = io.BytesIO()
-    Image.fromarray(pixels(64, 64, 3), "RGB").save(jpeg, "JPEG")
-    (folder / "holiday" / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
-    os.mkfifo(folder / "pipe.png")  # reading it would block forever
-    (folder / "notes.txt").write_text("not an image")
-    (folder / ".hidden.png").write_bytes(b"hidden files are left out")
-    return images
 
 
 def model_input(image: Image.Image, mean: torch.Tensor) -> torch.Tensor:
