@@ -1,5 +1,5 @@
-"""Writers of small fake data sets in the real on-disk formats, for tests (and a
-helper that reads a DataModule's loader back).
+"""Writers of small fake data sets in the real on-disk formats, for tests (and
+helpers that read a DataModule's loader back and run the command line).
 
 Images are class-dependent (a per-class template plus noise), so models can
 learn them. Every writer is deterministic for a given seed and returns the
@@ -8,6 +8,7 @@ folder (or file) that the matching DataModule reads via `data_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -333,3 +334,13 @@ def write_photo_folder(folder: Path, rng: np.random.Generator) -> dict[str, Imag
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"hidden files are left out")
     return images
+
+
+def printed_by(args: list[str]) -> str:
+    """What `python -m lightning_hw ARGS` prints, run in this process."""
+    from lightning_hw.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(args)
+    return printed.getvalue()

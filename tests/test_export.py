@@ -5,7 +5,6 @@ against `predict` on a folder of photos; the metadata; and every mistake a user 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -23,7 +22,7 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from fakes import write_cifar10, write_photo_folder  # noqa: E402
+from fakes import printed_by, write_photo_folder  # noqa: E402
 from lightning_hw import onnx_ops  # noqa: E402
 from lightning_hw.cli import CONFIG_DIR, LightningHWCLI, main, shipped_configs  # noqa: E402
 from lightning_hw.data import CIFAR10DataModule, ImageClassificationDataModule  # noqa: E402
@@ -43,13 +42,6 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 TOLERANCE = 1e-4
 BATCH_SIZES = (1, 7)
 CLASS_NAMES = list(CIFAR10DataModule().class_names)
-
-
-def run(args: list[str]) -> str:
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        main(args)
-    return printed.getvalue()
 
 
 def failure(args: list[str], capsys) -> tuple[int, str]:
@@ -184,24 +176,10 @@ def test_each_shipped_configs_model_runs_in_onnxruntime_as_in_pytorch(config, tm
 # -- the command, from a fit's checkpoint --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cifar_run(tmp_path_factory):
-    """A short fit of the CIFAR two-layer config (RGB, mean image subtracted, flattened) on generated
-    data: (run folder, best checkpoint)."""
-    root = tmp_path_factory.mktemp("cifar_run")
-    data_dir = write_cifar10(root / "data").parent
-    output = run(["fit", "--config", "cifar10_twolayer", f"--data.data_dir={data_dir}", "--data.val_size=10",
-                  "--data.batch_size=20", "--model.init_args.hidden_size=16", "--model.init_args.init_std=null",
-                  "--model.init_args.optimizer.init_args.lr=0.01",  # the config's 0.8 kills every ReLU in 6 steps here
-                  "--trainer.max_steps=6", f"--trainer.default_root_dir={root / 'runs'}", *QUIET])  # fmt: skip
-    summary = dict(part.split(": ", 1) for part in output.strip().splitlines()[-1].split(" | "))
-    return Path(summary["logs"]), Path(summary["checkpoint"])
-
-
 def test_export_writes_one_checked_file_with_the_normalisation_inside(cifar_run, tmp_path):
-    run_dir, checkpoint = cifar_run
+    run_dir, checkpoint, _ = cifar_run
     path = tmp_path / "deploy" / "cifar.onnx"
-    printed = run(["export", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint),
+    printed = printed_by(["export", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint),
                    "--output", str(path)])  # fmt: skip
     line = printed.strip().splitlines()[-1]
     assert line.startswith(f"onnx: {path} (")
@@ -245,18 +223,18 @@ def readme_script() -> str:
 
 
 def test_readme_script_classifies_a_folder_as_predict_does(cifar_run, tmp_path):
-    run_dir, checkpoint = cifar_run
+    run_dir, checkpoint, _ = cifar_run
     folder = tmp_path / "photos"
     readable = write_photo_folder(folder, np.random.default_rng())  # several formats, modes and sizes
     with pytest.warns(UserWarning, match="skipped"):
-        printed = run(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={checkpoint}",
+        printed = printed_by(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={checkpoint}",
                        f"--data.predict_dir={folder}", f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET])  # fmt: skip
     table = next(line for line in printed.splitlines() if line.startswith("predictions:")).rsplit(" written to ", 1)[1]
     predicted = {row["path"]: row for row in csv.DictReader(open(table)) if row["status"] == "predicted"}
     assert set(predicted) == set(readable)
 
     model_path = tmp_path / "cifar.onnx"
-    run(["export", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint), "--output", str(model_path)])
+    printed_by(["export", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint), "--output", str(model_path)])
     script = tmp_path / "classify_onnx.py"
     script.write_text(readme_script())
     # A fresh interpreter that cannot import lightning_hw: the script stands on onnxruntime, Pillow and numpy.
@@ -277,10 +255,10 @@ def test_readme_script_classifies_a_folder_as_predict_does(cifar_run, tmp_path):
 
 
 def test_export_defaults_to_the_checkpoints_name(cifar_run, tmp_path):
-    run_dir, checkpoint = cifar_run
+    run_dir, checkpoint, _ = cifar_run
     copied = tmp_path / "best.ckpt"
     copied.write_bytes(checkpoint.read_bytes())
-    printed = run(["export", "-c", str(run_dir / "config.yaml"), "--ckpt_path", str(copied)])
+    printed = printed_by(["export", "-c", str(run_dir / "config.yaml"), "--ckpt_path", str(copied)])
     assert (tmp_path / "best.onnx").is_file() and f"onnx: {tmp_path / 'best.onnx'} (" in printed
 
 
@@ -288,7 +266,7 @@ def test_export_defaults_to_the_checkpoints_name(cifar_run, tmp_path):
 
 
 def test_export_errors_name_the_file_and_what_to_do(cifar_run, tmp_path, capsys):
-    run_dir, checkpoint = cifar_run
+    run_dir, checkpoint, _ = cifar_run
     config = str(run_dir / "config.yaml")
     output = ["--output", str(tmp_path / "never.onnx")]
 
@@ -334,7 +312,7 @@ def test_export_errors_name_the_file_and_what_to_do(cifar_run, tmp_path, capsys)
 def test_export_names_a_missing_package(cifar_run, monkeypatch, capsys):
     import importlib.util
 
-    run_dir, checkpoint = cifar_run
+    run_dir, checkpoint, _ = cifar_run
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *rest: None if name == "onnxruntime" else real_find_spec(name, *rest))  # fmt: skip

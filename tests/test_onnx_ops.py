@@ -6,6 +6,7 @@ onnx.checker passes, the batch is a dynamic axis; and the LightningModules' `to_
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ class ConvBranches(nn.Module):
             self.biases.append(nn.Parameter(torch.randn(out_channels) if bias else torch.zeros(0)))
 
     def branches(self):
-        for (in_channels, _, _, arguments, _, bias, _), weight, bias_value in zip(
+        for (_, _, _, arguments, _, bias, _), weight, bias_value in zip(
             CONV_GEOMETRIES.values(), self.weights, self.biases
         ):
             yield weight, (bias_value if bias else None), arguments
@@ -104,23 +105,35 @@ def conv_inputs(batch: int) -> list[torch.Tensor]:
     return inputs
 
 
-def test_conv2d_translates_every_geometry():
-    model = ConvBranches().eval()
+def export_branches(model: nn.Module, inputs_of, batched: list[bool]):
+    """The checked ONNX model of a module of branches, one input each (the `batched` ones with a dynamic batch)."""
     batch = torch.export.Dim("batch")
-    dynamic = tuple({0: batch} if geometry[-1] else None for geometry in CONV_GEOMETRIES.values())
-    program = torch.onnx.export(model, tuple(conv_inputs(2)), dynamic_shapes={"images": dynamic}, verbose=False,
+    argument = next(iter(inspect.signature(model.forward).parameters))  # the *inputs parameter
+    dynamic = {argument: tuple({0: batch} if has_batch else None for has_batch in batched)}
+    program = torch.onnx.export(model, tuple(inputs_of(2)), dynamic_shapes=dynamic, verbose=False,
                                 **onnx_ops.export_options())  # fmt: skip
     model_proto = program.model_proto
     check_standard(model_proto)
-    assert {node.op_type for node in model_proto.graph.node} <= {"Conv", "Unsqueeze", "Squeeze", "Constant"}
     assert batch_axis_names(model_proto) >= {"batch"}
+    return model_proto
+
+
+def assert_branches_match(model: nn.Module, model_proto, inputs_of, names) -> None:
+    """Each branch's ONNX Runtime output equals the module's torch.nn.functional reference, batches of 1 and 7."""
     for size in BATCH_SIZES:
-        inputs = conv_inputs(size)
+        inputs = inputs_of(size)
         with torch.no_grad():
             expected = model.reference(*inputs)
-        for name, got, want in zip(CONV_GEOMETRIES, run_in_onnxruntime(model_proto, inputs), expected):
+        for name, got, want in zip(names, run_in_onnxruntime(model_proto, inputs), expected):
             assert got.shape == tuple(want.shape), name
             np.testing.assert_allclose(got, want.numpy(), atol=TOLERANCE, rtol=0, err_msg=f"{name}, batch {size}")
+
+
+def test_conv2d_translates_every_geometry():
+    model = ConvBranches().eval()
+    model_proto = export_branches(model, conv_inputs, [geometry[-1] for geometry in CONV_GEOMETRIES.values()])
+    assert {node.op_type for node in model_proto.graph.node} <= {"Conv", "Unsqueeze", "Squeeze", "Constant"}
+    assert_branches_match(model, model_proto, conv_inputs, CONV_GEOMETRIES)
 
 
 class LinearReLUBranches(nn.Module):
@@ -148,22 +161,13 @@ def linear_inputs(batch: int) -> list[torch.Tensor]:
 
 def test_linear_relu_translates_inputs_of_every_rank():
     model = LinearReLUBranches().eval()
-    batch = torch.export.Dim("batch")
-    dynamic = tuple(None if middle is None else {0: batch} for middle, _ in LINEAR_RELU_INPUTS.values())
-    program = torch.onnx.export(model, tuple(linear_inputs(2)), dynamic_shapes={"inputs": dynamic}, verbose=False,
-                                **onnx_ops.export_options())  # fmt: skip
-    model_proto = program.model_proto
-    check_standard(model_proto)
+    model_proto = export_branches(model, linear_inputs, [middle is not None for middle, _ in LINEAR_RELU_INPUTS.values()])
     operators = {node.op_type for node in model_proto.graph.node}
     assert {"Gemm", "MatMul", "Relu"} <= operators  # Gemm for (N, in), MatMul for the other ranks
-    for size in BATCH_SIZES:
-        inputs = linear_inputs(size)
-        with torch.no_grad():
-            expected = model.reference(*inputs)
-        for name, got, want in zip(LINEAR_RELU_INPUTS, run_in_onnxruntime(model_proto, inputs), expected):
-            assert got.shape == tuple(want.shape), name
-            assert (want > 0).any() and (want == 0).any(), name  # both sides of the ReLU are checked
-            np.testing.assert_allclose(got, want.numpy(), atol=TOLERANCE, rtol=0, err_msg=f"{name}, batch {size}")
+    with torch.no_grad():
+        for name, output in zip(LINEAR_RELU_INPUTS, model.reference(*linear_inputs(7))):
+            assert (output > 0).any() and (output == 0).any(), name  # both sides of the ReLU are compared
+    assert_branches_match(model, model_proto, linear_inputs, LINEAR_RELU_INPUTS)
 
 
 def test_export_fails_without_the_translations():
