@@ -146,6 +146,12 @@ def deployed_classifier(
 def metadata(model: ImageClassifier, datamodule: ImageClassificationDataModule, checkpoint_path: Path) -> dict[str, str]:
     """The file's metadata_props: everything a user needs to feed it and read its output."""
     channels, height, width = datamodule.image_file_shape
+    steps = {
+        "mean_image": ["minus the training split's mean image"],
+        "per_channel": ["minus the training split's per-channel mean, divided by its per-channel std"],
+    }.get(datamodule.normalize, [])
+    if datamodule.flatten:
+        steps.append(f"flattened to (N, {channels * height * width})")
     return {
         "class_names": json.dumps(list(model.class_names)),
         "input": f"{INPUT_NAME}: float32 (N, {channels}, {height}, {width}), N free",
@@ -155,9 +161,8 @@ def metadata(model: ImageClassifier, datamodule: ImageClassificationDataModule, 
         "input_width": str(width),
         **{f"input_{key}": value for key, value in image_reading_rule((height, width), channels).items()},
         "normalization": (
-            f"inside the graph: {datamodule.normalize} (the train split's statistics"
-            f"{', then flattened' if datamodule.flatten else ''}); give the [0, 1] images as they are"
-            if datamodule.normalize != "none" or datamodule.flatten
+            f"inside the graph: {', then '.join(steps)}; give the [0, 1] images as they are"
+            if steps
             else "none: the model takes the [0, 1] images as they are"
         ),
         "output": f"{OUTPUT_NAME}: float32 (N, {model.num_classes}), softmax, one column per class_names entry",

@@ -199,7 +199,8 @@ def test_export_writes_one_checked_file_with_the_normalisation_inside(cifar_run,
     assert (props["input_channels"], props["input_height"], props["input_width"]) == ("3", "32", "32")
     assert props["input_layout"] == "NCHW" and "[0, 1]" in props["input_value_range"]
     assert "32x32" in props["input_resize"] and "BILINEAR" in props["input_resize"]
-    assert "mean_image" in props["normalization"] and props["model_class"] == "TwoLayerNet"
+    assert "mean image" in props["normalization"]
+    assert props["model_class"] == "TwoLayerNet"
 
     # Against the model and statistics of the checkpoint, the preprocessing written out by hand.
     model = TwoLayerNet.load_from_checkpoint(checkpoint, weights_only=True).eval()

@@ -129,6 +129,19 @@ def assert_branches_match(model: nn.Module, model_proto, inputs_of, names) -> No
             np.testing.assert_allclose(got, want.numpy(), atol=TOLERANCE, rtol=0, err_msg=f"{name}, batch {size}")
 
 
+@pytest.mark.parametrize("kernel, dilation", [((4, 3), (1, 2)), ((2, 5), (3, 1)), ((1, 6), (2, 2))])
+def test_conv2d_padding_is_the_padding_conv2d_applies(kernel, dilation):
+    """The op the translation takes its pads from: torch's 'same' padding (the odd pixel after), or the
+    padding given on both sides."""
+    x, weight = torch.randn(2, 3, 9, 10), torch.randn(4, 3, *kernel)
+    top, bottom, left, right = torch.ops.lightning_hw.conv2d_padding(list(kernel), [0, 0], list(dilation), True)
+    padded = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, dilation=dilation)
+    torch.testing.assert_close(padded, F.conv2d(x, weight, padding="same", dilation=dilation))
+    assert torch.ops.lightning_hw.conv2d_padding(list(kernel), [2, 1], list(dilation), False) == [2, 2, 1, 1]
+    with pytest.raises(RuntimeError, match="conv2d_padding: dilation must be 2 positive sizes"):
+        torch.ops.lightning_hw.conv2d_padding(list(kernel), [0, 0], [0, 1], True)
+
+
 def test_conv2d_translates_every_geometry():
     model = ConvBranches().eval()
     model_proto = export_branches(model, conv_inputs, [geometry[-1] for geometry in CONV_GEOMETRIES.values()])
