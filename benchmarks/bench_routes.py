@@ -3,7 +3,8 @@
     python benchmarks/bench_routes.py [--threads N] [--min-run-time S]
 
 For each shape: torch's relu(linear), then ours with the built-in rule (timing off),
-each route forced (streamed GEMMs, register tiles, torch's BLAS), and the timed choice
+each route forced (streamed GEMMs, register tiles, torch's BLAS; "cannot run" where a route
+cannot run the shape), and the timed choice
 (csrc/cpu/route_choice.h; choices kept in a temporary folder, so every run times
 afresh). Best of 3 medians each; GFLOP/s count 3 GEMMs; x = torch time / this time.
 """
@@ -63,8 +64,14 @@ def main(argv=None) -> None:
                 os.environ.pop(variable, None)
             os.environ.update(environment or {})
             fn = (lambda x, w, b: torch.relu(F.linear(x, w, b))) if environment is None else ops.linear_relu
-            times[name] = forward_backward_ms(fn, rows, in_features, out_features, args.threads, args.min_run_time)
-        cells = [f"{name} {ms:.2f} ms {flops / ms / 1e6:.0f} GFLOP/s x{times['torch'] / ms:.2f}" for name, ms in times.items()]
+            try:
+                times[name] = forward_backward_ms(fn, rows, in_features, out_features, args.threads, args.min_run_time)
+            except RuntimeError as error:  # a forced route that cannot run this shape says why
+                if "cannot run" not in str(error):
+                    raise
+                times[name] = None
+        cells = [f"{name} cannot run" if ms is None else f"{name} {ms:.2f} ms {flops / ms / 1e6:.0f} GFLOP/s x{times['torch'] / ms:.2f}"
+                 for name, ms in times.items()]  # fmt: skip
         print(f"{rows}x{in_features}->{out_features}: " + " | ".join(cells), flush=True)
     for line in sorted(torch.ops.lightning_hw.route_choices()):
         print("# route: " + line.replace("\t", " "))

@@ -5,6 +5,7 @@
 
 #include "conv2d_geometry.h"
 #include "cpu/route_choice.h"
+#include "cpu/tile_kernels.h"
 #include "linear_relu_geometry.h"
 
 // `import lightning_hw._C` loads this library, which runs the registrations below.
@@ -88,4 +89,17 @@ TORCH_LIBRARY(lightning_hw, m) {
   // "op<TAB>shape<TAB>route" lines, and forgetting them (the file stays).
   m.def("route_choices() -> str[]", &lightning_hw::cpu::route_choices);
   m.def("clear_route_choices() -> ()", &lightning_hw::cpu::clear_route_choices);
+  // Which CPU route ran how often in this process ("op<TAB>route<TAB>calls"), and
+  // which routes can run each part of an op on a shape ("op<TAB>route<TAB>why
+  // not", empty where it can): what LIGHTNING_HW_ROUTE may force there.
+  m.def("routes_run() -> str[]", &lightning_hw::cpu::routes_run);
+  m.def(
+      "conv2d_cpu_routes(Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, bool pad_same) -> str[]",
+      &lightning_hw::cpu::conv2d_routes);
+  m.def("linear_relu_cpu_routes(Tensor input, Tensor weight) -> str[]", &lightning_hw::cpu::linear_relu_routes);
+  // The CPU kernels' instruction-set variants ("name<TAB>missing features") and
+  // the chosen one's tile sizes ("key=values"): cpu/tile_kernels.h.
+  m.def("cpu_isa_variants() -> str[]", &lightning_hw::cpu::cpu_isa_variants);
+  m.def("cpu_kernel_tiles() -> str[]", &lightning_hw::cpu::cpu_kernel_tiles);
 }

@@ -20,7 +20,7 @@ model class named in a checkpoint must be one lightning_hw already imports.
 from __future__ import annotations
 
 import json
-import sys
+from argparse import ArgumentError
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,22 +32,35 @@ from jsonargparse import ArgumentParser
 from jsonargparse.typing import Path_fr
 
 import lightning_hw.models  # noqa: F401  (the classes a checkpoint may name)
-from lightning_hw.cli import DEFAULT_CONFIG, write_table
+from lightning_hw.cli import (
+    DEFAULT_CONFIG,
+    PROGRAM,
+    config_option_value,
+    imported_class,
+    read_checkpoint,
+    run_config_hint,
+    write_table,
+)
 from lightning_hw.data import ImageClassificationDataModule
+from lightning_hw.errors import CommandError, UsageError, parse_error_parts
 from lightning_hw.models import ImageClassifier
 
 
 def load_member(path: str | Path, device: torch.device) -> ImageClassifier:
     """A classifier from a checkpoint written by `fit`, in eval mode on `device`."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    checkpoint = read_checkpoint(Path(path))
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
     if not isinstance(class_path, str):
-        raise ValueError(f"checkpoint {path} names no model class (hyper_parameters['_class_path']): not from fit?")
-    module_name, _, class_name = class_path.rpartition(".")
-    # Only classes already imported: a checkpoint must not make us import code.
-    model_class = getattr(sys.modules.get(module_name), class_name, None)
+        raise CommandError(
+            "the checkpoint names no model class (hyper_parameters['_class_path'])", path, "give a checkpoint of fit"
+        )
+    model_class = imported_class(class_path)
     if not (isinstance(model_class, type) and issubclass(model_class, ImageClassifier)):
-        raise ValueError(f"checkpoint {path}: {class_path!r} is not an imported lightning_hw ImageClassifier")
+        raise CommandError(
+            f"the checkpoint's model {class_path!r} is not an imported lightning_hw ImageClassifier",
+            path,
+            "give a checkpoint of fit",
+        )
     model = model_class.load_from_checkpoint(path, map_location=device, weights_only=True)
     return model.eval()
 
@@ -108,16 +121,22 @@ def evaluate(
 ) -> EnsembleResult:
     """Accuracy of each member, of the mean probabilities and of the margin deferral; printed and written as CSV."""
     if len(checkpoints) < 2:
-        raise ValueError(f"an ensemble needs at least 2 checkpoints, got {len(checkpoints)}")
+        raise UsageError(
+            "an ensemble needs at least 2 checkpoints",
+            f"got {len(checkpoints)}",
+            "pass --checkpoints A.ckpt B.ckpt ...",
+        )
     if margin is not None and not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin must lie in [0, 1), got {margin}")
+        raise UsageError("--margin must lie in [0, 1)", margin, "give a difference of probabilities, e.g. 0.2")
     target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     models = [load_member(path, target) for path in checkpoints]
     for path, model in zip(checkpoints, models):
         if model.num_classes != datamodule.num_classes or model.input_shape != tuple(datamodule.input_shape):
-            raise ValueError(
-                f"checkpoint {path} was trained for {model.num_classes} classes of shape {model.input_shape}; "
-                f"the data have {datamodule.num_classes} of shape {tuple(datamodule.input_shape)}"
+            raise CommandError(
+                f"the checkpoint was trained for {model.num_classes} classes of shape {model.input_shape}, the data "
+                f"have {datamodule.num_classes} of shape {tuple(datamodule.input_shape)}",
+                path,
+                f"give the data it was trained on, e.g. {run_config_hint(Path(path))}",
             )
     datamodule.prepare_data()
     datamodule.setup("test" if split == "test" else "validate")
@@ -154,10 +173,14 @@ def evaluate(
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m lightning_hw ensemble",
+        prog=f"{PROGRAM} ensemble",
         description="Test accuracy of several checkpoints and of their ensemble.",
+        exit_on_error=False,  # a mistake is raised, and reported in one line by lightning_hw.cli.main
+        allow_abbrev=False,  # as the other subcommands: `-c`/`--config` only
     )
-    parser.add_argument("--config", type=Path_fr | None, default=None, help="A fit config; its data section is used.")
+    parser.add_argument(
+        "-c", "--config", type=Path_fr | None, default=None, help="A fit config; its data section is used."
+    )
     parser.add_subclass_arguments(ImageClassificationDataModule, "data", required=False)
     parser.add_argument("--checkpoints", type=Path_fr, nargs="+", required=True, help="Two or more fit checkpoints.")
     parser.add_argument("--margin", type=float | None, default=None, help="Also report 001's deferral, this margin.")
@@ -171,27 +194,29 @@ def _config_data(args: list[str]) -> list[str]:
     """Put the data section of `--config FILE` in front, as a `--data` option; without
     --config and --data options, that of configs/default.yaml."""
     config = None
-    for index, arg in enumerate(args):
-        if arg == "--config" and index + 1 < len(args):
-            config = Path(args[index + 1])
-        elif arg.startswith("--config="):
-            config = Path(arg.split("=", 1)[1])
+    for index in range(len(args)):
+        option = config_option_value(args, index)
+        if option is not None:
+            config = Path(option[0])
     if config is None:
         if any(arg.startswith("--data") for arg in args):
             return args
         config = DEFAULT_CONFIG
     if not config.is_file():
-        raise ValueError(f"config {config} not found")
+        raise UsageError("config not found", config, "give a fit config, whose data section the members are tested on")
     data = (yaml.safe_load(config.read_text()) or {}).get("data")
     if data is None:
-        raise ValueError(f"config {config} has no data section: give --data.class_path and --data.init_args.*")
+        raise UsageError("the config has no data section", config, "give --data.class_path and --data.init_args.*")
     return [f"--data={json.dumps(data)}", *args]
 
 
 def main(args: Sequence[str]) -> EnsembleResult:
     """`python -m lightning_hw ensemble ARGS`."""
     parser = build_parser()
-    config = parser.parse_args(_config_data(list(args)))
+    try:
+        config = parser.parse_args(_config_data(list(args)))
+    except ArgumentError as error:
+        raise UsageError(*parse_error_parts(str(error))) from error
     datamodule = parser.instantiate_classes(config).data
     return evaluate(
         [path.absolute for path in config.checkpoints],

@@ -50,6 +50,11 @@ def conv2d(
     A direct convolution (no im2col buffer); input (N, C, H, W) or (C, H, W);
     padding an int, a pair, 'valid' or 'same'.
     """
+    return _ops.conv2d(input, weight, bias, *_conv2d_arguments(stride, padding, dilation, groups))
+
+
+def _conv2d_arguments(stride: IntPair, padding: Union[IntPair, str], dilation: IntPair, groups: int) -> tuple:
+    """(stride, padding, dilation, groups, pad_same) as the conv2d ops take them."""
     pad_same = False
     if isinstance(padding, str):
         if padding not in ("valid", "same"):
@@ -58,16 +63,7 @@ def conv2d(
         padding = 0
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise ValueError(f"conv2d: groups must be an int, got {groups!r}")
-    return _ops.conv2d(
-        input,
-        weight,
-        bias,
-        _pair(stride, "stride"),
-        _pair(padding, "padding"),
-        _pair(dilation, "dilation"),
-        groups,
-        pad_same,
-    )
+    return _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups, pad_same
 
 
 def linear_relu(

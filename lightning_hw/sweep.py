@@ -12,7 +12,10 @@ option goes to every trial's fit.
 A trial is one in-process `fit` built by lightning_hw.cli (without its closing
 test) in `OUTPUT_DIR/trial_NNNN`; it reports the metric to Optuna after each
 validation, and its value is the best metric its checkpoint callback saw.
-The trial command lines are parsed before anything starts.
+The trial command lines are parsed before anything starts. A mistake (a bad
+setting, missing data in a trial) ends the sweep with one line on stderr
+(lightning_hw.errors); one that stops it before any trial finished leaves no
+output folder behind.
 
 The study lives in the storage, so rerunning the same command resumes it:
 finished trials are kept, and only the trials missing to `n_trials` (complete
@@ -26,13 +29,16 @@ the best checkpoint copied to `OUTPUT_DIR/best.ckpt`, and its test accuracy
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from argparse import ArgumentError
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,9 +50,8 @@ from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from lightning_hw.callbacks import NonFiniteLossError
-from lightning_hw.cli import LightningHWCLI
-from lightning_hw.cli import main as cli_main
-from lightning_hw.cli import resolve_config, write_table
+from lightning_hw.cli import PROGRAM, LightningHWCLI, first_missing_folder, resolve_config, run_command, write_table
+from lightning_hw.errors import UsageError, innermost_reason, parse_error_parts, user_error
 
 # Top-level keys of the fit parser: options under them go to every trial.
 FIT_GROUPS = ("trainer", "model", "data", "checkpoint", "plots", "seed_everything")
@@ -263,17 +268,21 @@ class SweepSettings:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m lightning_hw sweep",
+        prog=f"{PROGRAM} sweep",
         description="Hyper-parameter search over a fit config; other --trainer.*, --model.*, --data.*, "
         "--checkpoint.*, --plots.* or --seed_everything options go to every trial's fit.",
+        exit_on_error=False,  # a mistake is raised, and reported in one line by lightning_hw.cli.main
+        allow_abbrev=False,  # as the other subcommands: `-c`/`--config` only
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="The sweep YAML.")
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="The sweep YAML (a file, or a shipped sweep's name)."
+    )
     parser.add_class_arguments(SweepSettings, skip={"passthrough"})
     return parser
 
 
 def parse_settings(args: Sequence[str]) -> SweepSettings:
-    """Split the fit options from the sweep's own, parse the latter."""
+    """Split the fit options from the sweep's own, parse the latter; a mistake is a UsageError."""
     own, passthrough = [], []
     tokens = list(args)
     while tokens:
@@ -284,9 +293,16 @@ def parse_settings(args: Sequence[str]) -> SweepSettings:
                 passthrough.append(tokens.pop(0))
         else:
             own.append(token)
-    config = build_parser().parse_args(own).as_dict()
-    config.pop("config", None)
-    return SweepSettings(**config, passthrough=passthrough)
+    try:
+        config = build_parser().parse_args(own).as_dict()
+    except ArgumentError as error:
+        raise UsageError(*parse_error_parts(str(error))) from error
+    sweep_files = config.pop("config", None) or []
+    try:
+        return SweepSettings(**config, passthrough=passthrough)
+    except ValueError as error:
+        where = str(getattr(sweep_files[-1], "relative", sweep_files[-1])) if sweep_files else None
+        raise UsageError("invalid sweep settings", where, str(error)) from error
 
 
 # ---------------------------------------------------------------------------
@@ -308,7 +324,9 @@ class TrialPruning(Callback):
         value = trainer.callback_metrics.get(self.metric)
         if value is None:
             logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
-            raise ValueError(f"the sweep's metric {self.metric!r} was not logged at validation (logged: {logged})")
+            raise UsageError(
+                "the sweep's metric was not logged at validation", self.metric, f"choose one of the logged: {logged}"
+            )
         step, self.validations = self.validations, self.validations + 1
         self.trial.report(float(value), step)
         if self.trial.should_prune():
@@ -354,11 +372,11 @@ class TrialCLI(FitOnlyCLI):
 
 
 def run_cli(arguments: list[str], cli_class: Callable[..., LightningHWCLI] = LightningHWCLI) -> LightningHWCLI:
-    """A `python -m lightning_hw` command line run in this process."""
+    """A `python -m lightning_hw` command line run in this process; a user's mistake is raised."""
     with warnings.catch_warnings():
         # LightningCLI warns when given args while sys.argv holds the sweep's own command line.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
-        return cli_main(arguments, cli_class=cli_class)
+        return run_command(arguments, cli_class=cli_class)
 
 
 class _ArgumentsParsed(Exception):
@@ -367,10 +385,6 @@ class _ArgumentsParsed(Exception):
 
 class ArgumentCheckCLI(FitOnlyCLI):
     """Parses a command line with the fit parser, raising its error, and builds nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["parser_kwargs"] = {"exit_on_error": False, "fit": {"exit_on_error": False}}
-        super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
         raise _ArgumentsParsed(self.parser)
@@ -391,7 +405,8 @@ def check_arguments(settings: SweepSettings) -> None:
         except _ArgumentsParsed as parsed:
             parser = parsed.args[0]
         except Exception as error:
-            raise ValueError(f"the fit parser rejects a trial's arguments {arguments[3:]}:\n{error}") from error
+            reason = str(error) if isinstance(error, UsageError) else innermost_reason(str(error))
+            raise UsageError("the fit parser rejects a trial's arguments", " ".join(arguments[3:]), reason) from error
 
 
 def run_trial(trial: optuna.Trial, settings: SweepSettings) -> float:
@@ -410,8 +425,11 @@ def run_trial(trial: optuna.Trial, settings: SweepSettings) -> float:
         raise optuna.TrialPruned(f"the training loss diverged: {cli.divergence}")
     checkpoint = cli.trainer.checkpoint_callback
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
-        raise RuntimeError(
-            f"trial {trial.number} saved no checkpoint (checkpointing off, fast_dev_run, or no validation ran)"
+        raise UsageError(
+            "a trial saved no checkpoint",
+            f"trial {trial.number}",
+            "the sweep ranks the trials by their checkpoints: leave checkpointing on, without fast_dev_run, "
+            "and let validation run",
         )
     trial.set_user_attr("checkpoint", checkpoint.best_model_path)
     if pruning.pruned_at is not None:
@@ -446,9 +464,11 @@ def open_study(settings: SweepSettings) -> optuna.Study:
         study.set_user_attr("sweep", identity)
     elif stored != identity:
         changed = [key for key in IDENTITY_KEYS if stored.get(key) != identity[key]]
-        raise ValueError(
-            f"study {settings.study_name!r} in {settings.storage} was started with another {', '.join(changed)}: "
-            f"{json.dumps({key: stored.get(key) for key in changed})}; give another --output_dir or --study_name"
+        raise UsageError(
+            f"study {settings.study_name!r} was started with another {', '.join(changed)}: "
+            f"{json.dumps({key: stored.get(key) for key in changed})}",
+            settings.storage,
+            "give another --output_dir or --study_name",
         )
     if settings.sampler == "grid":
         # The seed orders the grid points, which trials name by index: it must stay the same.
@@ -541,9 +561,57 @@ class SweepResult:
     ran: int  # trials run by this call
 
 
+class _UserErrorLogFilter(logging.Filter):
+    """Drops Optuna's two lines on a trial that failed on a user's mistake (the first with its
+    traceback): the mistake ends the sweep and `lightning_hw.cli.main` reports it, in one line."""
+
+    _drop_value_line = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and user_error(error) is not None:
+            self._drop_value_line = True  # "Trial N failed with value None." follows
+            return False
+        if self._drop_value_line and " failed with value " in record.getMessage():
+            self._drop_value_line = False
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _output_removed_on_mistake(settings: SweepSettings) -> Iterator[None]:
+    """A sweep that stops on a user's mistake before any trial finished leaves no output folder
+    behind (when this call made it)."""
+    created = first_missing_folder(settings.output_dir)
+    log_filter = _UserErrorLogFilter()
+    optimize_logger = logging.getLogger("optuna.study._optimize")
+    optimize_logger.addFilter(log_filter)
+    try:
+        yield
+    except Exception as error:
+        if created is not None and created.exists() and user_error(error) is not None and not _any_finished(settings):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        optimize_logger.removeFilter(log_filter)
+
+
+def _any_finished(settings: SweepSettings) -> bool:
+    try:
+        study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    except KeyError:  # the study was never created
+        return False
+    return bool(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
 def run_sweep(settings: SweepSettings) -> SweepResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_arguments(settings)
+    with _output_removed_on_mistake(settings):
+        return _run_study(settings)
+
+
+def _run_study(settings: SweepSettings) -> SweepResult:
     study = open_study(settings)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
     remaining = max(0, settings.n_trials - finished)

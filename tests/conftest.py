@@ -29,6 +29,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # The CPU route choices (csrc/cpu/route_choice.h) that the tests time go to a folder of this
 # run, not the user's cache; subprocesses inherit it.
 os.environ.setdefault("LIGHTNING_HW_CACHE_DIR", tempfile.mkdtemp(prefix="lightning_hw_routes_"))
+# Timing does not pick the code under test: the built-in rule decides, and the kernels' tests
+# force each route where it applies (tests/routes.py); test_route_choice.py turns timing on for
+# its own tests. Nor does a route forced in the caller's shell.
+os.environ.setdefault("LIGHTNING_HW_AUTOTUNE", "0")
+os.environ.pop("LIGHTNING_HW_ROUTE", None)
 
 _fuzz_cases = collections.Counter()
 
@@ -55,6 +60,22 @@ def fuzz_cases():
     """(op, kind) -> number of cases run; kind is valid, invalid (torch rejects
     it too) or refused (our contract alone rejects it)."""
     return _fuzz_cases
+
+
+def pytest_report_header(config):
+    """The CPU kernel variant the kernels' tests run in this process, and the others."""
+    import torch
+
+    try:
+        import lightning_hw.ops  # noqa: F401  (loads the extension)
+
+        variants = [line.split("\t") for line in torch.ops.lightning_hw.cpu_isa_variants()]
+        mine = next(line for line in torch.ops.lightning_hw.cpu_kernel_tiles() if line.startswith("isa=")).split("=")[1]
+    except Exception as error:  # the tests that need them fail with the same error
+        return f"lightning_hw CPU kernels: unavailable ({error})"
+    others = ", ".join(name if not missing else f"{name} (this CPU lacks {missing})" for name, missing in variants
+                       if name != mine)  # fmt: skip
+    return f"lightning_hw CPU kernels: {mine} here; {others} in tests/test_isa_variants.py"
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -302,6 +302,22 @@ class PauseAtTrainBatch(pl.Callback):
             time.sleep(self.seconds)
 
 
+class InterruptAtTrainBatch(pl.Callback):
+    """Raise KeyboardInterrupt (as Ctrl-C does) at the start of training batch `batch_index` of epoch `epoch`.
+
+    Used from a config (class_path fakes.InterruptAtTrainBatch). Lightning then ignores SIGINT
+    for the rest of the process: a test restores the handler afterwards.
+    """
+
+    def __init__(self, epoch: int, batch_index: int) -> None:
+        self.epoch = epoch
+        self.batch_index = batch_index
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch_index:
+            raise KeyboardInterrupt
+
+
 # ---------------------------------------------------------------------------
 # A folder of photos to classify (predict --data.predict_dir, exported models)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import collect_batches, write_fruits
+from fits import assert_fast_dev_fit
 from PIL import Image
 
 from lightning_hw.cli import CONFIG_DIR, main
@@ -402,7 +403,9 @@ def test_vertical_flips_only_mirror():
 
 
 def test_fit_config_on_the_course_layout(course_root, tmp_path, capsys):
-    main(["fit", "--config", str(CONFIG_DIR / "fruits_cnn.yaml"), f"--data.data_dir={course_root}",
-          f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=true",
-          "--trainer.enable_progress_bar=false"])  # fmt: skip
-    assert "test accuracy: " in capsys.readouterr().out
+    cli = main(["fit", "--config", str(CONFIG_DIR / "fruits_cnn.yaml"), f"--data.data_dir={course_root}",
+                f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=true",
+                "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert_fast_dev_fit(cli, capsys.readouterr().out, "FruitCNN")
+    assert cli.datamodule.detect_layout() == "course"
+    assert cli.model.hparams.num_classes == 3

@@ -4,6 +4,8 @@ hand computation on the bundled digits, margin deferral, and bad input."""
 from __future__ import annotations
 
 import csv
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from lightning_hw.callbacks import plots
 from lightning_hw.cli import CONFIG_DIR, DEFAULT_CONFIG, main
 from lightning_hw.data import DigitsDataModule
 from lightning_hw.ensemble import load_member, margin_deferral, mean_predictions
+from lightning_hw.errors import CommandError
 from lightning_hw.models import FruitCNN
 
 
@@ -108,21 +111,27 @@ def test_margin_deferral_and_mean_on_hand_made_probabilities():
     assert mean_predictions(probabilities).tolist() == [2, 0, 0]
 
 
-def test_bad_ensembles_are_clear_errors(members, tmp_path):
-    with pytest.raises(ValueError, match="at least 2 checkpoints"):
-        main(["ensemble", "--checkpoints", str(members[0]), f"--output_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="margin must lie in"):
-        main(["ensemble", "--checkpoints", *map(str, members[:2]), "--margin=1.5", f"--output_dir={tmp_path}"])
+def test_bad_ensembles_are_clear_errors(members, tmp_path, capsys):
+    def error_of(args: list[str]) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["ensemble", *args, f"--output_dir={tmp_path}"])
+        return exit_info.value.code, capsys.readouterr().err
+
+    status, error = error_of(["--checkpoints", str(members[0])])
+    assert status == 2 and error.startswith("error: an ensemble needs at least 2 checkpoints (got 1): ")
+    status, error = error_of(["--checkpoints", *map(str, members[:2]), "--margin=1.5"])
+    assert status == 2 and error.startswith("error: --margin must lie in [0, 1) (1.5): ")
     cifar_dir = write_cifar10(tmp_path / "cifar").parent
-    with pytest.raises(ValueError, match=r"shape \(1, 8, 8\).*shape \(3, 32, 32\)"):
-        main(["ensemble", "--config", str(CONFIG_DIR / "cifar10_twolayer.yaml"),
-              f"--data.init_args.data_dir={cifar_dir}", "--checkpoints", *map(str, members[:2]),
-              f"--output_dir={tmp_path}"])  # fmt: skip
+    status, error = error_of(["-c", str(CONFIG_DIR / "cifar10_twolayer.yaml"), f"--data.init_args.data_dir={cifar_dir}",
+                              "--checkpoints", *map(str, members[:2])])  # fmt: skip
+    assert status == 1 and re.search(r"shape \(1, 8, 8\).*shape \(3, 32, 32\)", error)
+    assert f"-c {members[0].parents[1] / 'config.yaml'}" in error  # the run's own config, which has its data
     # A checkpoint may only name a model class that is already imported, never make us import one.
     checkpoint = torch.load(members[0], weights_only=True)
     for class_path in ("subprocess.Popen", "not_imported_module.Model"):
         checkpoint["hyper_parameters"]["_class_path"] = class_path
         forged = tmp_path / "forged.ckpt"
         torch.save(checkpoint, forged)
-        with pytest.raises(ValueError, match="not an imported lightning_hw ImageClassifier"):
+        with pytest.raises(CommandError, match="not an imported lightning_hw ImageClassifier"):
             load_member(forged, torch.device("cpu"))
+    assert "not_imported_module" not in sys.modules

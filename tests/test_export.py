@@ -283,7 +283,7 @@ def test_export_errors_name_the_file_and_what_to_do(cifar_run, tmp_path, capsys)
     del stripped["CIFAR10DataModule"]  # as a checkpoint written before DataModules kept their statistics
     torch.save(stripped, tmp_path / "old.ckpt")
     status, error = failure(["export", "--config", config, "--ckpt_path", str(tmp_path / "old.ckpt"), *output], capsys)
-    assert status == 1 and "need the train split's statistics" in error
+    assert status == 1 and "needs the train split's statistics" in error
 
     # A config of another model: the digits CNN's default.yaml.
     status, error = failure(["export", "--config", "default", "--ckpt_path", str(checkpoint), *output], capsys)

@@ -1,14 +1,16 @@
 """Property tests (hypothesis) of lightning_hw.ops.conv2d and linear_relu on CPU.
 
 Valid cases: random shapes, strides, paddings (int, pair, 'same', 'valid'),
-dilations, groups, dtypes and memory layouts (permuted storage such as
-channels_last, strided views with offsets, zero-stride expanded tensors,
-batch 0, unbatched input); the forward and every gradient (input, weight,
-bias) must equal torch's.
+dilations, groups (a quarter of the convolutions depthwise), dtypes and memory
+layouts (permuted storage such as channels_last, strided views with offsets,
+zero-stride expanded tensors, batch 0, unbatched input); the forward and every
+gradient (input, weight, bias) must equal torch's, on each CPU route that can
+run the case, forced (tests/routes.py; the routes run are counted in the
+summary).
 
 Invalid cases: one argument of a valid case broken. Torch must reject it too,
-and ours must raise a RuntimeError or ValueError whose message names the
-argument. Arguments that torch accepts but our contract refuses (dtypes other
+and ours must raise a RuntimeError or ValueError whose message says what is
+wrong with that argument. Arguments that torch accepts but our contract refuses (dtypes other
 than float32/float64 on CPU, forms that only broadcast) are a third kind:
 ours must refuse them clearly.
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from hypothesis import event, given, strategies as st
 
 import lightning_hw.ops as ops
-from routes import CONV_ROUTES, LINEAR_ROUTES, forced_route
+from routes import LINEAR_ROUTES, OUR_CONV_ROUTES, conv2d_runnable, forced_route, linear_relu_runnable
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
@@ -201,10 +203,15 @@ class ConvGeometry:
 
 @st.composite
 def conv_geometries(draw):
-    groups = draw(st.integers(1, 3))
-    in_per_group = draw(st.integers(1, 4))
-    # Up to 40 outputs per group: one and two 64-byte vectors, ragged tail blocks.
-    out_per_group = draw(st.one_of(st.integers(1, 4), st.integers(5, 40)))
+    if draw(st.integers(0, 3)) == 0:
+        # Depthwise (in_channels == out_channels == groups): up to 40 channels, one to three
+        # vectors of them with ragged tails.
+        groups, in_per_group, out_per_group = draw(st.integers(1, 40)), 1, 1
+    else:
+        groups = draw(st.integers(1, 3))
+        in_per_group = draw(st.integers(1, 4))
+        # Up to 40 outputs per group: one and two 64-byte vectors, ragged tail blocks.
+        out_per_group = draw(st.one_of(st.integers(1, 4), st.integers(5, 40)))
     kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     dilation = draw(int_or_pair(st.integers(1, 3)))
     padding_form = draw(st.sampled_from(["int", "pair", "same", "valid"]))
@@ -240,13 +247,12 @@ def conv_geometries(draw):
 class ConvCase:
     geometry: ConvGeometry
     operands: Operands
-    route: str = "rule"  # the CPU route (tests/routes.py); one that cannot run the shape falls back to the rule
 
 
 @st.composite
 def conv_cases(draw):
     geometry = draw(conv_geometries())
-    return ConvCase(geometry, draw(operands(len(geometry.input_shape), 4)), draw(st.sampled_from(CONV_ROUTES)))
+    return ConvCase(geometry, draw(operands(len(geometry.input_shape), 4)))
 
 
 def compare_with_torch(ours, reference, shapes, dtype, o: Operands, adjust_grad=lambda grad, x, w, b: grad):
@@ -282,17 +288,28 @@ def compare_with_torch(ours, reference, shapes, dtype, o: Operands, adjust_grad=
         assert_close(a, b)
 
 
+def on_each_route(fuzz_cases, op: str, routes, compare) -> None:
+    """compare() with each of `routes` forced in turn; each may run only itself."""
+    assert routes, "no route can run the case"
+    for route in routes:
+        count(fuzz_cases, op, f"route {route}")
+        with forced_route(route) as ran:
+            compare()
+        assert {r for _, r in ran.calls()} <= {route}
+
+
+@pytest.mark.kernel_grid
 @given(case=conv_cases())
 def test_conv2d_matches_torch(fuzz_cases, case: ConvCase):
     count(fuzz_cases, "conv2d", "valid")
     g = case.geometry
     shapes = (g.input_shape, g.weight_shape, (g.out_channels,) if g.bias else None)
-    with forced_route(case.route):
-        compare_with_torch(
-            lambda x, w, b: ops.conv2d(x, w, b, **g.kwargs()),
-            lambda x, w, b: F.conv2d(x, w, b, **g.kwargs()),
-            shapes, g.dtype, case.operands,
-        )
+    routes = conv2d_runnable(g.input_shape, g.weight_shape, g.stride, g.padding, g.dilation, g.groups, g.dtype)
+    on_each_route(fuzz_cases, "conv2d", routes, lambda: compare_with_torch(
+        lambda x, w, b: ops.conv2d(x, w, b, **g.kwargs()),
+        lambda x, w, b: F.conv2d(x, w, b, **g.kwargs()),
+        shapes, g.dtype, case.operands,
+    ))  # fmt: skip
 
 
 def clones(*tensors):
@@ -320,14 +337,14 @@ def mutate_conv(draw, g: ConvGeometry, kind: str):
     torch_refuses = True
     if kind == "input rank":
         shapes["input"] = random_shape(draw, draw(st.sampled_from([0, 1, 2, 5])))
-        pattern = "input"
+        pattern = r"expected 3D \(unbatched\) or 4D \(batched\) input, but got input of size"
     elif kind == "weight rank":
         shapes["weight"] = random_shape(draw, draw(st.sampled_from([0, 1, 2, 3, 5])))
-        pattern = "weight"
+        pattern = r"expected weight to be 4D \(out_channels, in_channels/groups, kH, kW\)"
     elif kind == "channel mismatch":
         channels = draw(st.integers(1, 12).filter(lambda c: c != g.in_channels))
         shapes["input"] = g.input_shape[:-3] + (channels,) + g.input_shape[-2:]
-        pattern = "channels"
+        pattern = r"expected input\[[0-9, ]+\] to have \d+ channels, but got \d+ channels"
     elif kind == "groups not dividing out_channels":
         groups = draw(st.integers(2, 4))
         out_channels = groups * draw(st.integers(1, 3)) + draw(st.integers(1, groups - 1))
@@ -335,19 +352,19 @@ def mutate_conv(draw, g: ConvGeometry, kind: str):
         shapes["input"] = g.input_shape[:-3] + (groups * shapes["weight"][1],) + g.input_shape[-2:]
         shapes["bias"] = (out_channels,) if g.bias else None
         kwargs["groups"] = groups
-        pattern = "groups"
+        pattern = r"given groups=\d+, expected weight to be divisible by \d+ at dimension 0"
     elif kind == "groups non-positive":
         kwargs["groups"] = draw(st.sampled_from([0, -1, -3]))
-        pattern = "groups"
+        pattern = "non-positive groups is not supported"
     elif kind in ("stride", "dilation"):
         value = draw(st.integers(-3, 0))
         kwargs[kind] = with_element(draw, 1, value)
         # Torch checks a zero dilation only past its empty-batch path; ours always.
         torch_refuses = not (kind == "dilation" and value == 0 and g.batch == 0)
-        pattern = kind
+        pattern = "non-positive stride is not supported" if kind == "stride" else "dilation should be greater than zero"
     elif kind == "negative padding":
         kwargs["padding"] = with_element(draw, 1, draw(st.integers(-3, -1)))
-        pattern = "padding"
+        pattern = "negative padding is not supported"
     elif kind == "kernel larger than padded input":
         dim = draw(st.integers(0, 1))
         size = (g.height, g.width)[dim]
@@ -362,21 +379,21 @@ def mutate_conv(draw, g: ConvGeometry, kind: str):
             kernel = list(g.kernel)
             kernel[dim] = size + draw(st.integers(1, 3))
             shapes["weight"] = (g.out_channels, g.in_channels // g.groups, *kernel)
-        pattern = "kernel size"
+        pattern = "kernel size can't be greater than actual input size"
     elif kind == "'same' with stride > 1":
         kwargs["padding"] = "same"
         kwargs["stride"] = with_element(draw, 1, draw(st.integers(2, 3)))
-        pattern = "padding='same'"
+        pattern = "padding='same' is not supported for strided convolutions"
     elif kind == "padding string":
         kwargs["padding"] = draw(st.sampled_from(["SAME", "full", "", "valid ", "causal"]))
-        pattern = "padding"
+        pattern = "invalid padding string"
     elif kind == "argument form":
         name = draw(st.sampled_from(["stride", "padding", "dilation", "groups"]))
         if name == "groups":
             kwargs[name] = draw(st.sampled_from([1.0, True, None, (1,), "1"]))
         else:
             kwargs[name] = draw(st.sampled_from([(1, 1, 1), (), 1.5, None, True, "1", [1.0, 1.0]]))
-        pattern = name
+        pattern = rf"{name} must be an int"
     elif kind in ("weight dtype", "bias dtype"):
         name = kind.split()[0]
         if name == "bias":
@@ -386,7 +403,7 @@ def mutate_conv(draw, g: ConvGeometry, kind: str):
         # path skips the bias's on some shapes (a 1x1 kernel over a 1x1 image):
         # ours refuses them all.
         torch_refuses = g.batch != 0 and (name == "weight" or g.padding not in ("same", "valid"))
-        pattern = f"{name} type"
+        pattern = rf"input type \(\w+\) and {name} type \(\w+\) should be the same"
     elif kind == "bias shape":
         shapes["bias"] = draw(
             st.one_of(
@@ -396,18 +413,19 @@ def mutate_conv(draw, g: ConvGeometry, kind: str):
                 st.just((g.out_channels, 1)),
             )
         )
-        pattern = "bias"
+        pattern = r"expected bias to be 1-dimensional with \d+ elements"
     elif kind == "zero-size kernel":
         kernel = list(g.kernel)
         kernel[draw(st.integers(0, 1))] = 0
         shapes["weight"] = (g.out_channels, g.in_channels // g.groups, *kernel)
         if g.batch == 0:  # torch's empty-batch path never looks at the kernel
             shapes["input"] = (1, *g.input_shape[1:])
-        pattern = "weight"
+        pattern = r"weight of size \[[0-9, ]+\] has a zero-sized dimension"
     elif kind == "zero out_channels":
         shapes["weight"] = (0, *g.weight_shape[1:])
         shapes["bias"] = (0,) if g.bias else None
-        pattern = "weight"
+        # With groups, the size check of groups sees the empty weight first.
+        pattern = r"weight of size \[0, [0-9, ]+\] (has a zero-sized dimension|instead)"
     elif kind == "empty image":
         sizes = [g.height, g.width]
         sizes[draw(st.integers(0, 1))] = 0
@@ -415,12 +433,12 @@ def mutate_conv(draw, g: ConvGeometry, kind: str):
         shapes["input"] = (*batch, g.in_channels, *sizes)
         kwargs["padding"] = tuple(e for e in g.extent())  # enough padding for the kernel
         kwargs["stride"] = 1
-        pattern = "input"
+        pattern = r"expected input with non-zero height and width"
     elif kind == "unsupported dtype":
         dtype = draw(UNSUPPORTED_DTYPES)
         dtypes = dict(input=dtype, weight=dtype, bias=dtype)
         torch_refuses = False
-        pattern = "dtype"
+        pattern = r"kernel supports dtypes .*, but got input of type"
     else:
         raise AssertionError(kind)
     return shapes, dtypes, kwargs, pattern, torch_refuses
@@ -479,7 +497,6 @@ class LinearCase:
     out_features: int
     bias: bool
     operands: Operands
-    route: str = "rule"  # the CPU route (tests/routes.py)
 
     @property
     def input_shape(self):
@@ -494,10 +511,9 @@ def linear_cases(draw):
             st.tuples(st.integers(5, 100)),  # rows enough for the tile kernels
         )
     )
-    # Every route of the CPU kernel, forced (`route`) or as the built-in rule
-    # picks it: tiles (<= 64 outputs, or many rows), streamed GEMMs (> 64
-    # outputs), BLAS (any; the rule's pick for a weight block past L2: > 4096
-    # input features); ragged column blocks; empty sizes.
+    # Shapes for every route of the CPU kernel: tiles (a weight block within
+    # L2: up to 4096 reduced features), streamed GEMMs (> 64 outputs), BLAS
+    # (any); ragged column blocks; empty sizes.
     in_features = draw(st.one_of(st.just(0), st.integers(1, 40), st.integers(41, 300), st.integers(4097, 4200)))
     out_features = draw(st.one_of(st.just(0), st.integers(1, 20), st.integers(21, 64), st.integers(65, 140)))
     return LinearCase(
@@ -507,7 +523,6 @@ def linear_cases(draw):
         out_features=out_features,
         bias=draw(st.booleans()),
         operands=draw(operands(len(leading) + 1, 2)),
-        route=draw(st.sampled_from(LINEAR_ROUTES)),
     )
 
 
@@ -526,15 +541,16 @@ def unambiguous_grad(grad, x, w, b):
     return grad.masked_fill(ambiguous, 0)
 
 
+@pytest.mark.kernel_grid
 @given(case=linear_cases())
 def test_linear_relu_matches_torch(fuzz_cases, case: LinearCase):
     count(fuzz_cases, "linear_relu", "valid")
     shapes = (case.input_shape, (case.out_features, case.in_features), (case.out_features,) if case.bias else None)
-    with forced_route(case.route):
-        compare_with_torch(
-            ops.linear_relu, lambda x, w, b: torch.relu(F.linear(x, w, b)), shapes, case.dtype, case.operands,
-            adjust_grad=unambiguous_grad,
-        )
+    routes = linear_relu_runnable(case.input_shape, case.out_features, case.dtype, LINEAR_ROUTES)
+    on_each_route(fuzz_cases, "linear_relu", routes, lambda: compare_with_torch(
+        ops.linear_relu, lambda x, w, b: torch.relu(F.linear(x, w, b)), shapes, case.dtype, case.operands,
+        adjust_grad=unambiguous_grad,
+    ))  # fmt: skip
 
 
 def mutate_linear(draw, case: LinearCase, kind: str):
@@ -543,14 +559,14 @@ def mutate_linear(draw, case: LinearCase, kind: str):
     torch_refuses = True
     if kind == "0-dim input":
         shapes["input"] = ()
-        pattern = "input"
+        pattern = "expected input with at least 1 dimension"
     elif kind == "weight rank":
         shapes["weight"] = random_shape(draw, draw(st.sampled_from([0, 3, 4])))
-        pattern = "weight"
+        pattern = r"expected weight to be 2D \(out_features, in_features\)"
     elif kind == "feature mismatch":
         features = draw(st.integers(0, 50).filter(lambda n: n != case.in_features))
         shapes["input"] = (*case.leading, features)
-        pattern = "input and weight"
+        pattern = "input and weight shapes cannot be multiplied"
     elif kind == "bias shape":
         # Shapes that do not broadcast against the output either.
         shapes["bias"] = draw(
@@ -559,28 +575,28 @@ def mutate_linear(draw, case: LinearCase, kind: str):
                 st.just((3, case.out_features + 2)),
             )
         )
-        pattern = "bias"
+        pattern = r"expected bias of size \[\d+\]"
     elif kind in ("weight dtype", "bias dtype"):
         name = kind.split()[0]
         if name == "bias":
             shapes["bias"] = (case.out_features,)
         dtypes[name] = torch.float64 if case.dtype == torch.float32 else torch.float32
-        pattern = f"{name} type"
+        pattern = rf"input type \(\w+\) and {name} type \(\w+\) should be the same"
     elif kind == "unsupported dtype":
         dtype = draw(UNSUPPORTED_DTYPES)
         dtypes = dict(input=dtype, weight=dtype, bias=dtype)
         torch_refuses = False
-        pattern = "dtype"
+        pattern = r"kernel supports dtypes .*, but got input of type"
     elif kind == "1-dim weight":  # torch's F.linear takes it; our contract wants (out, in)
         shapes["weight"] = (case.in_features,)
         shapes["bias"] = None
         torch_refuses = False
-        pattern = "weight"
+        pattern = r"expected weight to be 2D \(out_features, in_features\)"
     elif kind == "broadcast bias":  # torch broadcasts a 0-dim, (1,) or (1, out) bias; ours wants (out,)
         options = [(), (1, case.out_features)] + ([(1,)] if case.out_features != 1 else [])
         shapes["bias"] = draw(st.sampled_from(options))
         torch_refuses = False
-        pattern = "bias"
+        pattern = r"expected bias of size \[\d+\]"
     else:
         raise AssertionError(kind)
     return shapes, dtypes, pattern, torch_refuses
@@ -629,7 +645,7 @@ def test_conv2d_backward_rejects_a_wrong_grad_output(fuzz_cases, geometry, data)
             grad, x, w, list(pair(g.stride)), padding, list(pair(g.dilation)), g.groups, g.padding == "same",
             [True, True, True],
         ),
-        "grad_output",
+        r"grad_output type \(\w+\) and input type|expected grad_output of size",
     )
 
 
@@ -660,8 +676,15 @@ def test_linear_relu_backward_rejects_a_wrong_grad_output_or_output(fuzz_cases, 
         lambda: torch.ops.lightning_hw.linear_relu_backward(
             tensors["grad_output"], tensors["output"], x, w, [True, True, True]
         ),
-        which,
+        BACKWARD_REFUSALS[which],
     )
+
+
+# What the refusal of a wrong grad_output or output (the forward result) says.
+BACKWARD_REFUSALS = {
+    "grad_output": r"grad_output type \(\w+\) and input type|expected grad_output of size",
+    "output": r"expected output of size \[[0-9, ]*\] and type \w+ \(the forward result\)",
+}
 
 
 # ---- regressions of what the fuzzers found ----
@@ -683,6 +706,7 @@ def test_conv2d_empty_batch_with_an_empty_image_has_torch_shape():
     assert ops.conv2d(x, w, padding=1).shape == F.conv2d(x, w, padding=1).shape
 
 
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize(
     "rows, out_features",
     [(5, 100), (70, 100), (200, 100), (3, 10), (0, 100)],
@@ -704,6 +728,7 @@ def test_linear_relu_without_input_features_is_relu_of_bias(rows, out_features):
         assert_close(ours, theirs)
 
 
+@pytest.mark.kernel_grid
 def test_linear_relu_without_outputs_has_empty_gradients():
     # Was: a reshape error in the backward (grad_output of shape (..., 0)).
     x = torch.randn(2, 3, 7, requires_grad=True)

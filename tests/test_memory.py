@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_hw.ops as ops
+from routes import RoutesRan, forced_route
 
 MB = 1 << 20
 
@@ -46,16 +47,25 @@ def linear_step(rows, in_features, out_features):
     return make
 
 
-# Every CPU route of both ops, forward and backward; the linear ones include
-# weight gradients past the 4 MB of recycled_empty (cpu/workspace.h).
+# Each of our CPU routes of both ops, forced, forward and backward (name: (route, step)); the
+# linear ones include weight gradients past the 4 MB of recycled_empty (cpu/workspace.h).
 WORKLOADS = {
-    "conv2d direct": conv_step((8, 16, 24, 24), (32, 16, 3, 3), padding=1),
-    "conv2d planar": conv_step((8, 3, 32, 32), (8, 3, 3, 3), padding="same"),
-    "conv2d strided groups": conv_step((4, 12, 20, 20), (24, 4, 3, 3), stride=2, groups=3),
-    "linear_relu streamed, 4.5 MB weight gradient": linear_step(32, 1024, 1100),
-    "linear_relu tiles, 4.2 MB weight gradient": linear_step(200, 8200, 128),
-    "linear_relu tiles, narrow head": linear_step(256, 841, 29),
+    "conv2d direct": ("direct", conv_step((8, 16, 24, 24), (32, 16, 3, 3), padding=1)),
+    "conv2d planar": ("planar", conv_step((8, 3, 32, 32), (8, 3, 3, 3), padding="same")),
+    "conv2d depthwise": ("depthwise", conv_step((8, 32, 24, 24), (32, 1, 3, 3), padding=1, groups=32)),
+    "conv2d direct, strided groups": ("direct", conv_step((4, 12, 20, 20), (24, 4, 3, 3), stride=2, groups=3)),
+    "linear_relu streamed, 4.5 MB weight gradient": ("streamed", linear_step(32, 1024, 1100)),
+    "linear_relu tiles, 4.1 MB weight gradient": ("tiles", linear_step(200, 4096, 260)),
+    "linear_relu tiles, narrow head": ("tiles", linear_step(256, 841, 29)),
 }
+
+
+def on_route(route, step):
+    def forced():
+        with forced_route(route):
+            step()
+
+    return forced
 
 
 def growth_over(steps, iterations: int) -> int:
@@ -68,8 +78,10 @@ def growth_over(steps, iterations: int) -> int:
     return resident_bytes() - before
 
 
+@pytest.mark.kernel_grid
 def test_repeated_forward_backward_keeps_resident_memory_flat():
-    steps = [make() for make in WORKLOADS.values()]
+    ran = RoutesRan()
+    steps = [on_route(route, make()) for route, make in WORKLOADS.values()]
     # Warm-up: per-thread workspaces, the recycled buffers and the allocator's
     # heap reach their working size.
     growth_over(steps, 5)
@@ -79,6 +91,7 @@ def test_repeated_forward_backward_keeps_resident_memory_flat():
     iterations = 10
     growth = growth_over(steps, iterations)
     assert growth < 16 * MB, f"resident memory grew by {growth / MB:.1f} MB over {iterations} iterations"
+    assert {route for _, route in ran.calls()} == {route for route, _ in WORKLOADS.values()}
 
 
 def test_many_small_calls_keep_resident_memory_flat():

@@ -1,5 +1,6 @@
-"""NaN and infinity: inputs holding them propagate through our ops and models as through
-torch.nn, and training stops with a clear message when the loss stops being finite."""
+"""NaN and infinity: inputs holding them propagate through our ops (every route forced where it
+applies) and models as through torch.nn, and training stops with a clear message when the loss
+stops being finite."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from lightning_hw.callbacks import FiniteLossCheck, NonFiniteLossError
 from lightning_hw.cli import main
 from lightning_hw.models import EmotionCNN, FruitCNN, TwoLayerNet
 from lightning_hw.nn import Conv2d, LinearReLU
+from routes import (
+    LINEAR_PARTS,
+    LINEAR_ROUTES,
+    OUR_CONV_ROUTES,
+    conv2d_runnable,
+    forced_route,
+    linear_relu_runnable,
+    with_routes,
+)
 
 SPECIAL_VALUES = (math.nan, math.inf, -math.inf)
 
@@ -40,50 +50,76 @@ def assert_same_nonfinite_pattern(ours: torch.Tensor, reference: torch.Tensor) -
     torch.testing.assert_close(ours[finite], reference[finite], rtol=tolerance, atol=tolerance)
 
 
-# -- the ops, on the shapes that take their different code paths ---------------------------
+# -- the ops, every route forced on the shapes it runs (tests/routes.py) ---------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize(
-    "input_shape, weight_shape, options",
-    [
-        ((4, 1, 20, 20), (8, 1, 4, 4), {}),  # few channels: planar tiles
-        ((3, 3, 16, 16), (32, 3, 3, 3), dict(padding=1)),
-        ((2, 32, 10, 10), (32, 32, 3, 3), dict(padding="same")),  # many channels
-        ((2, 8, 11, 11), (8, 1, 3, 3), dict(padding=1, groups=8)),  # depthwise
-        ((2, 4, 13, 13), (6, 4, 3, 3), dict(stride=2, padding=1)),
-        ((2, 4, 13, 13), (6, 4, 3, 3), dict(dilation=2)),
-    ],
+    "input_shape, weight_shape, stride, padding, dilation, groups, dtype, route",
+    with_routes(
+        [
+            pytest.param((4, 1, 20, 20), (8, 1, 4, 4), 1, 0, 1, 1, id="one-input-channel"),
+            pytest.param((3, 3, 16, 16), (32, 3, 3, 3), 1, 1, 1, 1, id="few-input-channels"),
+            pytest.param((2, 32, 10, 10), (32, 32, 3, 3), 1, "same", 1, 1, id="many-channels"),
+            pytest.param((2, 8, 11, 11), (8, 1, 3, 3), 1, 1, 1, 8, id="depthwise"),
+            pytest.param((2, 4, 13, 13), (6, 4, 3, 3), 2, 1, 1, 1, id="strided"),
+            pytest.param((2, 4, 13, 13), (6, 4, 3, 3), 1, 0, 2, 1, id="dilated"),
+        ],
+        conv2d_runnable,
+        OUR_CONV_ROUTES,
+    ),
 )
-def test_conv2d_propagates_nan_and_inf_inputs_like_torch(input_shape, weight_shape, options, dtype):
+def test_conv2d_propagates_nan_and_inf_inputs_like_torch(input_shape, weight_shape, stride, padding, dilation, groups,
+                                                         dtype, route):  # fmt: skip
     images = poisoned(input_shape, dtype, count=6)
     weight = torch.randn(weight_shape, dtype=dtype)
     bias = torch.randn(weight_shape[0], dtype=dtype)
-    assert_same_nonfinite_pattern(ops.conv2d(images, weight, bias, **options), F.conv2d(images, weight, bias, **options))
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    with forced_route(route) as ran:
+        ours = ops.conv2d(images, weight, bias, **options)
+    ran.assert_only(route, ["conv2d_forward"])
+    assert_same_nonfinite_pattern(ours, F.conv2d(images, weight, bias, **options))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def _linear_runnable(rows, in_features, out_features, dtype, routes):
+    return linear_relu_runnable((rows, in_features), out_features, dtype, routes)
+
+
+def _linear_shapes(shapes):
+    return [pytest.param(*shape, id="x".join(map(str, shape))) for shape in shapes]
+
+
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize(
-    "rows, in_features, out_features",
-    [(5, 7, 6), (32, 1500, 300), (256, 841, 29), (200, 700, 900), (3, 64, 10)],
-)
-def test_linear_relu_propagates_nan_and_inf_inputs_like_torch(rows, in_features, out_features, dtype):
+    "rows, in_features, out_features, dtype, route",
+    with_routes(_linear_shapes([(5, 7, 6), (32, 1500, 300), (256, 841, 29), (200, 700, 900), (3, 64, 10)]),
+                _linear_runnable, LINEAR_ROUTES),
+)  # fmt: skip
+def test_linear_relu_propagates_nan_and_inf_inputs_like_torch(rows, in_features, out_features, dtype, route):
     inputs = poisoned((rows, in_features), dtype, count=5)
     weight = torch.randn(out_features, in_features, dtype=dtype) / math.sqrt(in_features)
     bias = torch.randn(out_features, dtype=dtype)
     reference = torch.relu(F.linear(inputs, weight, bias))
-    assert_same_nonfinite_pattern(ops.linear_relu(inputs, weight, bias), reference)
+    with forced_route(route) as ran:
+        ours = ops.linear_relu(inputs, weight, bias)
+    ran.assert_only(route, LINEAR_PARTS[:1])
+    assert_same_nonfinite_pattern(ours, reference)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("rows, in_features, out_features", [(5, 7, 6), (32, 1500, 300), (256, 841, 29)])
-def test_linear_relu_gradients_through_nan_outputs_match_torch(rows, in_features, out_features, dtype):
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize(
+    "rows, in_features, out_features, dtype, route",
+    with_routes(_linear_shapes([(5, 7, 6), (32, 1500, 300), (256, 841, 29)]), _linear_runnable, LINEAR_ROUTES),
+)
+def test_linear_relu_gradients_through_nan_outputs_match_torch(rows, in_features, out_features, dtype, route):
     # torch's ReLU backward zeroes the gradient where output <= 0 only, so a NaN output passes it on.
     inputs = poisoned((rows, in_features), dtype, count=3).requires_grad_()
     weight = (torch.randn(out_features, in_features, dtype=dtype) / math.sqrt(in_features)).requires_grad_()
     bias = torch.randn(out_features, dtype=dtype, requires_grad=True)
     grad_output = torch.randn(rows, out_features, dtype=dtype)
-    ours = torch.autograd.grad(ops.linear_relu(inputs, weight, bias), (inputs, weight, bias), grad_output)
+    with forced_route(route) as ran:
+        ours = torch.autograd.grad(ops.linear_relu(inputs, weight, bias), (inputs, weight, bias), grad_output)
+    ran.assert_only(route, LINEAR_PARTS)
     reference = torch.autograd.grad(torch.relu(F.linear(inputs, weight, bias)), (inputs, weight, bias), grad_output)
     for mine, theirs in zip(ours, reference):
         assert_same_nonfinite_pattern(mine, theirs)
@@ -192,11 +228,12 @@ def test_diverging_cli_run_exits_with_the_message_and_keeps_its_checkpoint(tmp_p
             "--model.lr_scheduler.init_args.gamma=1e30"]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    message = exit_info.value.code
-    assert isinstance(message, str), "SystemExit with a message: exit status 1"
+    assert exit_info.value.code == 1
+    printed = capsys.readouterr()
+    message = printed.err.strip().splitlines()[-1]
     assert message.startswith("error: training stopped: the training loss is not finite")
     assert "at epoch 1, global step " in message and "lower the learning rate" in message
-    assert "test accuracy" not in capsys.readouterr().out  # the failed run is not tested
+    assert "test accuracy" not in printed.out  # the failed run is not tested
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert f"The last checkpoint written is {last}." in message
     checkpoint = torch.load(last, weights_only=True)

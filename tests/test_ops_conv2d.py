@@ -2,14 +2,14 @@
 forward and every gradient over a grid of geometries, layouts and dtypes, plus
 gradcheck, opcheck, torch.compile, argument errors and determinism.
 
-Our kernels run as the built-in rule picks them (timing off, autouse fixture
-below), so no test here checks torch's route against torch; every route,
-forced, is compared in test_every_route_matches_torch and test_fuzz_ops.py,
-and the timed choice in test_route_choice.py."""
+The grids (marked kernel_grid) run each of our routes (tests/routes.py) forced
+on every geometry it can run, and check that it ran; each route, torch's
+included, has a list of geometries of its own, and shapes that end in partial
+tiles of this process's kernel variant (tests/tiles.py). The other tests run
+the built-in rule (timing is off in the tests, tests/conftest.py); the timed
+choice is tested in test_route_choice.py."""
 
-import os
-import subprocess
-import sys
+import re
 
 import pytest
 import torch
@@ -19,15 +19,20 @@ import torch.nn.functional as F
 
 import lightning_hw.ops as ops
 
-from routes import CONV_ROUTES, forced_route
+import tiles
+from routes import (
+    CONV_PARTS,
+    CONV_ROUTES,
+    CPU_DTYPES,
+    DTYPE_IDS,
+    OUR_CONV_ROUTES,
+    conv2d_runnable,
+    forced_route,
+    on_one_and_two_threads,
+    with_routes,
+)
 
 conv2d_backward = torch.ops.lightning_hw.conv2d_backward.default
-
-
-@pytest.fixture(autouse=True)
-def our_kernels_by_rule():
-    with forced_route("rule"):
-        yield
 
 
 def tolerances(dtype, reference):
@@ -110,6 +115,14 @@ def compare_with_torch(
         assert_close(ours, theirs)
 
 
+def compare_on_route(route, input_shape, weight_shape, **kwargs):
+    """compare_with_torch with `route` forced; it must have run every part (forward, input,
+    weight and bias gradients) of a non-empty batch."""
+    with forced_route(route) as ran:
+        compare_with_torch(input_shape, weight_shape, **kwargs)
+    ran.assert_only(route, CONV_PARTS if input_shape[0] > 0 else ())
+
+
 # (input shape, weight shape, stride, padding, dilation, groups)
 GEOMETRIES = [
     pytest.param((2, 3, 9, 8), (5, 3, 3, 3), 1, 0, 1, 1, id="basic"),
@@ -137,37 +150,101 @@ GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("input_shape, weight_shape, stride, padding, dilation, groups", GEOMETRIES)
-def test_matches_torch_geometries(input_shape, weight_shape, stride, padding, dilation, groups, dtype):
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize(
+    "input_shape, weight_shape, stride, padding, dilation, groups, dtype, route",
+    with_routes(GEOMETRIES, conv2d_runnable, OUR_CONV_ROUTES),
+)
+def test_matches_torch_geometries(input_shape, weight_shape, stride, padding, dilation, groups, dtype, route):
     torch.manual_seed(0)
-    compare_with_torch(
-        input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, dtype=dtype,
+    compare_on_route(
+        route, input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation, groups=groups, dtype=dtype
     )
 
 
-# One shape per kind of route: planar (few channels), direct, depthwise, 'same'
-# with an even kernel (asymmetric: torch's route cannot run it), strided and grouped.
-ROUTE_GEOMETRIES = [
-    pytest.param((2, 3, 12, 12), (8, 3, 3, 3), 1, 1, 1, 1, id="planar"),
-    pytest.param((2, 20, 9, 8), (40, 20, 3, 3), 1, 1, 1, 1, id="direct"),
-    pytest.param((2, 24, 9, 9), (24, 1, 3, 3), 2, 1, 1, 24, id="depthwise"),
-    pytest.param((2, 6, 8, 8), (10, 6, 4, 4), 1, "same", 1, 1, id="same-even-kernel"),
-    pytest.param((2, 16, 11, 9), (32, 8, 1, 1), 2, 0, 1, 2, id="pointwise-strided-grouped"),
-]
+# Geometries each route must run, forward and every gradient: our depthwise, planar
+# (stride 1, few channels or a short reduction) and direct kernels (every other shape,
+# and the planar ones), and torch's own convolution (every shape its symmetric padding
+# can express). (input shape, weight shape, stride, padding, dilation, groups)
+ROUTE_GEOMETRIES = {
+    "direct": [
+        pytest.param((2, 20, 9, 8), (40, 20, 3, 3), 1, 1, 1, 1, id="many-channels"),
+        pytest.param((2, 3, 12, 12), (8, 3, 3, 3), 1, 1, 1, 1, id="few-channels"),
+        pytest.param((2, 6, 8, 8), (10, 6, 4, 4), 1, "same", 1, 1, id="same-even-kernel"),
+        pytest.param((2, 16, 11, 9), (32, 8, 1, 1), 2, 0, 1, 2, id="pointwise-strided-grouped"),
+        pytest.param((2, 12, 5, 21), (36, 4, 2, 5), (1, 3), 2, (2, 1), 3, id="groups3-dilated-wide"),
+    ],
+    "planar": [
+        pytest.param((2, 3, 12, 12), (8, 3, 3, 3), 1, 1, 1, 1, id="few-channels"),
+        pytest.param((2, 4, 8, 8), (6, 4, 2, 2), 1, "same", 1, 1, id="same-even-kernel"),
+        pytest.param((2, 4, 9, 16), (6, 2, 3, 3), 1, (1, 2), (1, 2), 2, id="groups-dilated-rows-in-place"),
+        pytest.param((1, 1, 12, 12), (8, 1, 4, 4), 1, 0, 1, 1, id="one-input-channel"),
+        pytest.param((2, 2, 1, 1), (3, 2, 3, 3), 1, 1, 1, 1, id="1x1-input-padded"),
+    ],
+    "depthwise": [
+        pytest.param((2, 24, 9, 9), (24, 1, 3, 3), 2, 1, 1, 24, id="strided"),
+        pytest.param((2, 18, 8, 7), (18, 1, 4, 2), 1, "same", 1, 18, id="same-even-kernel"),
+        pytest.param((1, 40, 13, 12), (40, 1, 3, 3), (2, 1), (1, 2), (2, 1), 40, id="stride-pad-dil-pairs"),
+    ],
+    "aten": [
+        pytest.param((2, 20, 9, 8), (40, 20, 3, 3), 1, 1, 1, 1, id="many-channels"),
+        pytest.param((2, 3, 12, 12), (8, 3, 3, 3), 1, 1, 1, 1, id="few-channels"),
+        pytest.param((2, 24, 9, 9), (24, 1, 3, 3), 2, 1, 1, 24, id="depthwise"),
+        pytest.param((2, 16, 11, 9), (32, 8, 1, 1), 2, 0, 1, 2, id="pointwise-strided-grouped"),
+        pytest.param((2, 5, 7, 8), (7, 5, 3, 3), 1, "same", 2, 1, id="same-odd-extent"),
+    ],
+}
+assert set(ROUTE_GEOMETRIES) == set(CONV_ROUTES)
 
 
-@pytest.mark.parametrize("route", CONV_ROUTES)
-@pytest.mark.parametrize("input_shape, weight_shape, stride, padding, dilation, groups", ROUTE_GEOMETRIES)
-def test_every_route_matches_torch(input_shape, weight_shape, stride, padding, dilation, groups, route):
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(
+    "route, input_shape, weight_shape, stride, padding, dilation, groups",
+    [pytest.param(route, *case.values, id=f"{route}-{case.id}") for route, cases in ROUTE_GEOMETRIES.items()
+     for case in cases],
+)  # fmt: skip
+def test_every_route_matches_torch(route, input_shape, weight_shape, stride, padding, dilation, groups, dtype):
     torch.manual_seed(1)
-    with forced_route(route):
-        for dtype in (torch.float32, torch.float64):
-            compare_with_torch(
-                input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                dtype=dtype,
-            )
+    compare_on_route(
+        route, input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation, groups=groups, dtype=dtype
+    )
+
+
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("input_shape, weight_shape, stride, padding, dilation, groups, route", tiles.conv2d_cases())
+def test_partial_tiles_of_this_kernel_variant(input_shape, weight_shape, stride, padding, dilation, groups, route, dtype):
+    torch.manual_seed(15)
+    compare_on_route(
+        route, input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation, groups=groups, dtype=dtype
+    )
+
+
+# A route forced where it cannot run the part's shape: an error naming the route, the part,
+# why, and the routes that can. (route, input shape, weight shape, kwargs, the part that
+# refuses, what the message says)
+REFUSED_ROUTES = [
+    ("planar", (2, 20, 9, 8), (40, 20, 3, 3), dict(stride=2), "conv2d_forward", r"this convolution \(stride 2x2\) has 40 output channels per group"),
+    ("planar", (2, 20, 9, 8), (8, 20, 3, 3), dict(padding=1), "conv2d_input_grad", r"the input gradient .* has 20 output channels per group and 72 multiply-adds"),
+    ("depthwise", (2, 4, 6, 6), (4, 2, 3, 3), dict(groups=2), "conv2d_forward", r"in_channels == out_channels == groups; here in_channels 4, out_channels 4, groups 2"),
+    ("direct", (2, 8, 6, 6), (8, 1, 3, 3), dict(groups=8), "conv2d_forward", r"a depthwise convolution .* runs the depthwise route"),
+    ("aten", (2, 4, 8, 8), (6, 4, 4, 4), dict(padding="same"), "conv2d_forward", r"padding='same' with a kernel extent of 4x4 pads one side more"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("route, input_shape, weight_shape, kwargs, part, reason", REFUSED_ROUTES)
+def test_forcing_a_route_that_cannot_run_the_shape_is_an_error(route, input_shape, weight_shape, kwargs, part, reason):
+    x = torch.randn(input_shape, requires_grad=True)
+    w = torch.randn(weight_shape, requires_grad=True)
+    with forced_route(route) as ran, pytest.raises(RuntimeError) as error:
+        ops.conv2d(x, w, **kwargs).sum().backward()
+    message = str(error.value)
+    assert message.startswith(f"LIGHTNING_HW_ROUTE={route}: route '{route}' cannot run {part} of shape Float ")
+    assert re.search(reason, message), message
+    assert re.search(r"\(the routes that can: [a-z, ]+\)$", message), message
+    # Parts before the refusing one ran the forced route; nothing ran another.
+    assert {r for _, r in ran.calls()} <= {route}
 
 
 # Depthwise convolutions (in_channels == out_channels == groups) take their own
@@ -197,17 +274,19 @@ def _depthwise_weight_shape(channels, kernel):
     return (channels, 1, kernel_h, kernel_w)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("input_shape, kernel, stride, padding, dilation", DEPTHWISE)
 def test_depthwise_matches_torch(input_shape, kernel, stride, padding, dilation, dtype):
     torch.manual_seed(11)
     channels = input_shape[1]
-    compare_with_torch(
-        input_shape, _depthwise_weight_shape(channels, kernel), stride=stride, padding=padding,
+    compare_on_route(
+        "depthwise", input_shape, _depthwise_weight_shape(channels, kernel), stride=stride, padding=padding,
         dilation=dilation, groups=channels, dtype=dtype,
     )
 
 
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize(
     "stride, padding, dilation", [(1, 1, 1), (2, 1, 1), (1, "same", 2), ((2, 1), (0, 2), (1, 2))]
 )
@@ -216,7 +295,9 @@ def test_depthwise_gradcheck(stride, padding, dilation):
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: ops.conv2d(*a, stride, padding, dilation, 3), (x, w, b))
+    with forced_route("depthwise") as ran:
+        assert torch.autograd.gradcheck(lambda *a: ops.conv2d(*a, stride, padding, dilation, 3), (x, w, b))
+    ran.assert_only("depthwise", CONV_PARTS)
 
 
 @pytest.mark.parametrize("mask", [[False, False, True], [False, True, False], [True, True, True]])
@@ -245,40 +326,52 @@ def test_depthwise_weight_grad_is_bitwise_identical_with_one_or_two_threads(inpu
     padding = kernel // 2
     grad = torch.randn(ops.conv2d(x, w, None, stride, padding, 1, channels).shape)
     args = (grad, x, w, [stride] * 2, [padding] * 2, [1, 1], channels, False, [True, True, True])
-    threads = torch.get_num_threads()
-    results = {}
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results[count] = conv2d_backward(*args)
-    finally:
-        torch.set_num_threads(threads)
-    for one, two in zip(results[1], results[2]):
+    with forced_route("depthwise") as ran:
+        results = on_one_and_two_threads(lambda: conv2d_backward(*args))
+    ran.assert_only("depthwise", CONV_PARTS[1:])
+    for one, two in zip(*results):
         assert torch.equal(one, two)
 
 
+# (input shape, weight shape, stride, padding, dilation, groups)
+LAYOUT_GEOMETRIES = [
+    pytest.param((2, 4, 7, 9), (6, 4, 3, 3), 1, 1, 1, 1, id="few-channels"),
+    pytest.param((2, 4, 7, 9), (4, 2, 3, 3), 1, 1, 1, 2, id="few-channels-per-group"),
+    pytest.param((2, 32, 6, 6), (48, 32, 3, 3), 1, 0, 1, 1, id="many-channels"),
+    pytest.param((2, 20, 7, 9), (20, 1, 3, 3), 1, 1, 1, 20, id="depthwise"),
+]
+
+
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
 @pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "expanded"])
 @pytest.mark.parametrize(
-    "input_shape, weight_shape, padding, groups",
-    [
-        ((2, 4, 7, 9), (6, 4, 3, 3), 1, 1),   # vector-of-channels path
-        ((2, 4, 7, 9), (4, 2, 3, 3), 1, 2),   # few channels per group: row-vector path
-        ((2, 32, 6, 6), (48, 32, 3, 3), 0, 1),
-        ((2, 20, 7, 9), (20, 1, 3, 3), 1, 20),  # depthwise
-    ],
+    "input_shape, weight_shape, stride, padding, dilation, groups, dtype, route",
+    with_routes(LAYOUT_GEOMETRIES, conv2d_runnable, OUR_CONV_ROUTES, dtypes=[torch.float32]),
 )
-def test_matches_torch_layouts(input_shape, weight_shape, padding, groups, layout, grad_layout):
+def test_matches_torch_layouts(input_shape, weight_shape, stride, padding, dilation, groups, dtype, route, layout,
+                               grad_layout):  # fmt: skip
     torch.manual_seed(1)
-    compare_with_torch(input_shape, weight_shape, padding=padding, groups=groups, layout=layout, grad_layout=grad_layout)
+    compare_on_route(
+        route, input_shape, weight_shape, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        dtype=dtype, layout=layout, grad_layout=grad_layout,
+    )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize("batch", [0, 1, 5])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_batch_sizes_and_bias(batch, bias, dtype):
+@pytest.mark.parametrize(
+    "input_shape, weight_shape, stride, padding, dilation, groups, dtype, route",
+    with_routes([pytest.param((1, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, id="3-to-4")], conv2d_runnable,
+                ("direct", "planar")),
+)  # fmt: skip
+def test_batch_sizes_and_bias(input_shape, weight_shape, stride, padding, dilation, groups, dtype, route, batch, bias):
     torch.manual_seed(2)
-    compare_with_torch((batch, 3, 8, 8), (4, 3, 3, 3), bias=bias, padding=1, dtype=dtype)
+    compare_on_route(
+        route, (batch, *input_shape[1:]), weight_shape, bias=bias, stride=stride, padding=padding, dilation=dilation,
+        groups=groups, dtype=dtype,
+    )
 
 
 @pytest.mark.parametrize("padding", [0, "same"])
@@ -491,54 +584,29 @@ def test_unsupported_dtype():
         ops.conv2d(x, torch.randn(4, 3, 3, 3, dtype=torch.bfloat16))
 
 
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize(
-    "input_shape, weight_shape",
-    [((4, 3, 16, 16), (8, 3, 3, 3)), ((2, 32, 10, 10), (64, 32, 3, 3)), ((3, 1, 12, 12), (8, 1, 4, 4))],
-)
-def test_weight_grad_is_deterministic_and_thread_count_independent(input_shape, weight_shape):
+    "input_shape, weight_shape, stride, padding, dilation, groups, dtype, route",
+    with_routes(
+        [pytest.param((4, 3, 16, 16), (8, 3, 3, 3), 1, 1, 1, 1, id="few-channels"),
+         pytest.param((2, 32, 10, 10), (64, 32, 3, 3), 1, 1, 1, 1, id="many-channels"),
+         pytest.param((3, 1, 12, 12), (8, 1, 4, 4), 1, 1, 1, 1, id="one-input-channel")],
+        conv2d_runnable, ("direct", "planar"), dtypes=[torch.float32],
+    ),
+)  # fmt: skip
+def test_weight_grad_is_deterministic_and_thread_count_independent(
+    input_shape, weight_shape, stride, padding, dilation, groups, dtype, route
+):
     torch.manual_seed(10)
     x = torch.randn(input_shape)
     w = torch.randn(weight_shape)
     out_shape = ops.conv2d(x, w, padding=1).shape
     grad = torch.randn(out_shape)
     args = (grad, x, w, [1, 1], [1, 1], [1, 1], 1, False, [True, True, True])
-    first = conv2d_backward(*args)
-    second = conv2d_backward(*args)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = conv2d_backward(*args)
-    finally:
-        torch.set_num_threads(threads)
-    for a, b, c in zip(first, second, single):
+    with forced_route(route) as ran:
+        first = conv2d_backward(*args)
+        single, double = on_one_and_two_threads(lambda: conv2d_backward(*args))
+    ran.assert_only(route, CONV_PARTS[1:])
+    for a, b, c in zip(first, single, double):
         assert torch.equal(a, b)
         assert torch.equal(a, c)
-
-
-_ISA_CHECK = """
-import torch, torch.nn.functional as F, lightning_hw.ops as ops
-torch.manual_seed(0)
-for xs, ws, kw in [((2, 3, 9, 9), (5, 3, 3, 3), dict(padding=1)),
-                   ((2, 20, 8, 7), (40, 20, 3, 2), dict(stride=2, dilation=(1, 2))),
-                   ((2, 4, 8, 8), (4, 1, 3, 3), dict(padding="same", groups=4)),
-                   ((2, 20, 9, 7), (20, 1, 3, 3), dict(stride=2, padding=1, groups=20)),
-                   ((2, 3, 8, 16), (8, 3, 3, 3), dict(padding=1))]:
-    for dtype in (torch.float32, torch.float64):
-        x = torch.randn(xs, dtype=dtype, requires_grad=True)
-        w = torch.randn(ws, dtype=dtype, requires_grad=True)
-        b = torch.randn(ws[0], dtype=dtype, requires_grad=True)
-        out, ref = ops.conv2d(x, w, b, **kw), F.conv2d(x, w, b, **kw)
-        g = torch.randn_like(ref)
-        for a, r in zip((out,) + torch.autograd.grad(out, (x, w, b), g), (ref,) + torch.autograd.grad(ref, (x, w, b), g)):
-            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()))
-print("ok")
-"""
-
-
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_lesser_instruction_sets(isa):
-    """The AVX2 and baseline variants of the kernels (forced by environment)."""
-    env = dict(os.environ, LIGHTNING_HW_CPU_ISA=isa, LIGHTNING_HW_AUTOTUNE="0")
-    result = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "ok"

@@ -1,16 +1,25 @@
-"""lightning_hw.ops.linear_relu against torch.relu(F.linear(...))."""
+"""lightning_hw.ops.linear_relu against torch.relu(F.linear(...)): forward and every gradient.
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+The grids (marked kernel_grid) run every route (tests/routes.py) forced on every shape it can
+run, and check that it ran; shapes that end in partial tiles of this process's kernel variant
+come from tests/tiles.py. The other tests run the built-in rule (timing is off in the tests)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import tiles
 from lightning_hw import ops
-from routes import forced_route
+from routes import (
+    CPU_DTYPES,
+    DTYPE_IDS,
+    LINEAR_PARTS,
+    LINEAR_ROUTES,
+    forced_route,
+    linear_relu_runnable,
+    on_one_and_two_threads,
+    with_routes,
+)
 
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -47,43 +56,73 @@ def check_against_torch(x, w, b, dtype):
             assert_close(ours.grad, ref.grad, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def check_on_route(route, x, w, b, dtype):
+    """check_against_torch, x and w needing gradients, with `route` forced: it must have run the
+    forward and the backward."""
+    with forced_route(route) as ran:
+        check_against_torch(x, w, b, dtype)
+    ran.assert_only(route, LINEAR_PARTS)
+
+
+def linear_runnable(input_shape, in_features, out_features, dtype, routes):
+    return linear_relu_runnable(input_shape, out_features, dtype, routes)
+
+
+# (input shape, in_features, out_features)
+_SHAPES = [
+    ((5, 7), 7, 4),
+    ((1, 13), 13, 9),
+    ((0, 6), 6, 3),
+    ((7,), 7, 5),
+    ((2, 3, 11), 11, 6),
+    ((64, 128), 128, 29),
+    ((33, 200), 200, 70),
+    # The fruit head (ragged last column block, many row tiles), two whole output blocks, a
+    # one-vector block.
+    ((256, 841), 841, 29),
+    ((50, 96), 96, 64),
+    ((13, 40), 40, 40),
+    ((600, 40), 40, 70),  # wide with more rows than outputs
+    ((80, 8200), 8200, 70),  # weight block past L2: no tiles forward
+    # Wide (the streamed GEMMs' shapes): fewer rows than a tile, ragged last column block, two
+    # blocks of rows of which the last is one vector, reductions of several chunks both ways, a
+    # last column block of one whole vector, whole blocks only, one row.
+    ((5, 100), 100, 65),
+    ((9, 33), 33, 65),
+    ((40, 1100), 1100, 90),
+    ((20, 48), 48, 1030),
+    ((64, 96), 96, 200),
+    ((1, 17), 17, 200),
+    ((3, 4, 33), 33, 100),
+]
+
+
+SHAPES = [
+    pytest.param(shape, fin, fout, id="x".join(map(str, shape)) + f"-to-{fout}") for shape, fin, fout in _SHAPES
+]
+
+
+@pytest.mark.kernel_grid
 @pytest.mark.parametrize(
-    "input_shape,in_features,out_features",
-    [
-        ((5, 7), 7, 4),
-        ((1, 13), 13, 9),
-        ((0, 6), 6, 3),
-        ((7,), 7, 5),
-        ((2, 3, 11), 11, 6),
-        ((64, 128), 128, 29),
-        ((33, 200), 200, 70),
-        # Tile kernels (up to 64 outputs): the fruit head (ragged last column
-        # block, many row tiles), two whole output blocks, a one-vector block.
-        ((256, 841), 841, 29),
-        ((50, 96), 96, 64),
-        ((13, 40), 40, 40),
-        ((600, 40), 40, 70),  # wide with more rows than outputs: tiles both ways
-        ((80, 8200), 8200, 70),  # weight block past L2: BLAS forward, tiles backward
-        # Streamed GEMMs (wide, at most as many rows as outputs): fewer rows
-        # than a tile, ragged last column block, two blocks of rows of which
-        # the last is one vector, reductions of several chunks both ways, a
-        # last column block of one whole vector, whole blocks only, one row.
-        ((5, 100), 100, 65),
-        ((9, 33), 33, 65),
-        ((40, 1100), 1100, 90),
-        ((20, 48), 48, 1030),
-        ((64, 96), 96, 200),
-        ((1, 17), 17, 200),
-        ((3, 4, 33), 33, 100),
-    ],
+    "input_shape, in_features, out_features, dtype, route", with_routes(SHAPES, linear_runnable, LINEAR_ROUTES)
 )
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_matches_torch(dtype, input_shape, in_features, out_features, with_bias):
+def test_matches_torch(input_shape, in_features, out_features, dtype, route, with_bias):
     x = torch.randn(input_shape, dtype=dtype, requires_grad=True)
     w = torch.randn(out_features, in_features, dtype=dtype, requires_grad=True)
     b = torch.randn(out_features, dtype=dtype, requires_grad=True) if with_bias else None
-    check_against_torch(x, w, b, dtype)
+    check_on_route(route, x, w, b, dtype)
+
+
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("rows, in_features, out_features, route", tiles.linear_relu_cases())
+def test_partial_tiles_of_this_kernel_variant(rows, in_features, out_features, route, dtype):
+    torch.manual_seed(16)
+    x = torch.randn(rows, in_features, dtype=dtype, requires_grad=True)
+    w = (torch.randn(out_features, in_features, dtype=dtype) / in_features**0.5).requires_grad_()
+    b = torch.randn(out_features, dtype=dtype, requires_grad=True)
+    check_on_route(route, x, w, b, dtype)
 
 
 def test_blas_backward_of_a_very_wide_layer():
@@ -94,26 +133,37 @@ def test_blas_backward_of_a_very_wide_layer():
     x = torch.randint(-2, 3, (4100, 8)).float().requires_grad_()
     w = torch.randint(-2, 3, (4097, 8)).float().requires_grad_()
     b = torch.randint(-2, 3, (4097,)).float().requires_grad_()
-    check_against_torch(x, w, b, torch.float32)
+    check_on_route("blas", x, w, b, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_non_contiguous_operands(dtype):
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize(
+    "input_shape, in_features, out_features, dtype, route", with_routes([pytest.param((9, 20), 20, 6, id="9x20-to-6")], linear_runnable, ("tiles", "blas"))
+)
+def test_non_contiguous_operands(input_shape, in_features, out_features, dtype, route):
     x = torch.randn(20, 9, dtype=dtype).t().requires_grad_()  # (9, 20), transposed view
     w = torch.randn(20, 12, dtype=dtype)[:, ::2].t().requires_grad_()  # strided (6, 20)
     b = torch.randn(12, dtype=dtype)[::2].requires_grad_()
-    check_against_torch(x, w, b, dtype)
+    check_on_route(route, x, w, b, dtype)
 
 
-def test_exact_zero_pre_activation_gets_zero_gradient():
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize(
+    "input_shape, in_features, out_features, dtype, route",
+    with_routes(
+        [pytest.param((40, 5), 5, 8, id="narrow"), pytest.param((40, 5), 5, 80, id="wide")], linear_runnable,
+        LINEAR_ROUTES, dtypes=[torch.float64],
+    ),
+)
+def test_exact_zero_pre_activation_gets_zero_gradient(input_shape, in_features, out_features, dtype, route):
     # Integer-valued operands make some pre-activations exactly 0: torch's ReLU
     # passes no gradient there, and neither may ours.
-    x = torch.randint(-2, 3, (40, 5)).double().requires_grad_()
-    w = torch.randint(-2, 3, (8, 5)).double().requires_grad_()
-    b = torch.randint(-1, 2, (8,)).double().requires_grad_()
+    x = torch.randint(-2, 3, input_shape).to(dtype).requires_grad_()
+    w = torch.randint(-2, 3, (out_features, in_features)).to(dtype).requires_grad_()
+    b = torch.randint(-1, 2, (out_features,)).to(dtype).requires_grad_()
     pre = F.linear(x, w, b)
     assert (pre == 0).any()
-    check_against_torch(x, w, b, torch.float64)
+    check_on_route(route, x, w, b, dtype)
 
 
 def test_only_needed_gradients_are_computed():
@@ -128,38 +178,12 @@ def test_only_needed_gradients_are_computed():
     torch.testing.assert_close(w.grad, expected_w.grad)
 
 
-_ISA_CHECK = """
-import itertools, torch, torch.nn.functional as F
-from lightning_hw import ops
-from routes import LINEAR_ROUTES, forced_route
-torch.manual_seed(0)
-shapes = [(30, 841, 29), (7, 40, 40), (5, 96, 64), (20, 100, 70), (40, 1100, 90), (3, 48, 1030), (90, 300, 80)]
-for (rows, fin, fout), route in itertools.product(shapes, LINEAR_ROUTES):
-  with forced_route(route):
-    for dtype in (torch.float32, torch.float64):
-        x = torch.randn(rows, fin, dtype=dtype, requires_grad=True)
-        w = (torch.randn(fout, fin, dtype=dtype) / fin**0.5).requires_grad_()
-        b = torch.randn(fout, dtype=dtype, requires_grad=True)
-        out, ref = ops.linear_relu(x, w, b), torch.relu(F.linear(x, w, b))
-        g = torch.randn_like(ref)
-        for a, r in zip((out,) + torch.autograd.grad(out, (x, w, b), g), (ref,) + torch.autograd.grad(ref, (x, w, b), g)):
-            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
-print("ok")
-"""
-
-
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_lesser_instruction_sets(isa):
-    """The tile kernels' and streamed GEMMs' AVX2 and baseline variants (forced by environment), every route."""
-    env = dict(os.environ, LIGHTNING_HW_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "ok"
-
-
-@pytest.mark.parametrize("rows,in_features,out_features", [(300, 841, 29), (40, 1100, 90), (300, 700, 120)])
-@pytest.mark.parametrize("route", ["tiles", "streamed"])
-def test_results_are_thread_count_independent(rows, in_features, out_features, route):
+@pytest.mark.kernel_grid
+@pytest.mark.parametrize(
+    "route, rows, in_features, out_features",
+    [("tiles", 300, 841, 29), ("tiles", 300, 700, 120), ("streamed", 40, 1100, 90), ("streamed", 30, 700, 1030)],
+)
+def test_results_are_thread_count_independent(route, rows, in_features, out_features):
     """Tiles and streamed GEMMs: each output is summed by one thread in a fixed order."""
     x = torch.randn(rows, in_features)
     w = torch.randn(out_features, in_features)
@@ -171,15 +195,10 @@ def test_results_are_thread_count_independent(rows, in_features, out_features, r
         return (out,) + tuple(backward(grad, out, x, w, [True, True, True]))
 
     grad = torch.randn(rows, out_features)
-    threads = torch.get_num_threads()
-    with forced_route(route):
-        first = run()
-        try:
-            torch.set_num_threads(1)
-            single = run()
-        finally:
-            torch.set_num_threads(threads)
-    for a, b in zip(first, single):
+    with forced_route(route) as ran:
+        single, double = on_one_and_two_threads(run)
+    ran.assert_only(route, LINEAR_PARTS)
+    for a, b in zip(single, double):
         assert torch.equal(a, b)
 
 

@@ -87,7 +87,7 @@ def test_predict_dir_classifies_every_image_as_trained(cifar_run, tmp_path):
 def test_predict_dir_errors(cifar_run, tmp_path):
     run_dir, checkpoint, _ = cifar_run
     args = ["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={checkpoint}",
-            f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET]  # fmt: skip
+            f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET, "--debug"]  # fmt: skip
     with pytest.raises(DataNotFoundError, match="is not a folder"):
         printed_by([*args, f"--data.predict_dir={tmp_path / 'missing'}"])
     (tmp_path / "empty" / "sub").mkdir(parents=True)
@@ -100,16 +100,19 @@ def test_predict_dir_errors(cifar_run, tmp_path):
         printed_by([*args, f"--data.predict_dir={tmp_path / 'bad'}"])
 
 
-def test_predict_dir_needs_the_statistics_of_a_checkpoint(cifar_run, tmp_path):
+def test_predict_dir_needs_the_statistics_of_a_checkpoint(cifar_run, tmp_path, capsys):
     run_dir, checkpoint, _ = cifar_run
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "photos" / "green.png")
     stripped = torch.load(checkpoint, weights_only=True)
     del stripped["CIFAR10DataModule"]  # as a checkpoint written before DataModules kept their state
     torch.save(stripped, tmp_path / "old.ckpt")
-    with pytest.raises(RuntimeError, match="need the train split's statistics"):
+    with pytest.raises(SystemExit) as exit_info:
         printed_by(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={tmp_path / 'old.ckpt'}",
              f"--data.predict_dir={tmp_path / 'photos'}", f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET])  # fmt: skip
+    assert exit_info.value.code == 1
+    assert "needs the train split's statistics, and the checkpoint carries none" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # -- reading one image ---------------------------------------------------------------------------
@@ -142,14 +145,6 @@ def test_load_image_converts_every_mode(tmp_path):
     first = load_image(tmp_path / "anim.gif", (6, 6), 3)
     assert first[0].min() > 200 and first[2].max() < 50
 
-    # A JPEG's EXIF orientation is applied: a 20x10 (w x h) picture marked "rotate 90" is 10 wide, 20 high.
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.new("RGB", (20, 10), "gray").save(tmp_path / "rotated.jpg", exif=exif.tobytes())
-    with Image.open(tmp_path / "rotated.jpg") as image:
-        assert image.size == (20, 10)
-    assert load_image(tmp_path / "rotated.jpg", (20, 10), 1).shape == (1, 20, 10)
-
     # A large JPEG is decoded at a reduced scale (Pillow's draft mode) before the bilinear resize:
     # close to decoding it whole.
     photo = Image.fromarray(np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((40, 40, 1))).astype(np.uint8), "RGB")
@@ -164,6 +159,35 @@ def test_load_image_converts_every_mode(tmp_path):
     big.save(tmp_path / "big.png")
     expected = np.asarray(big.resize((8, 8), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     np.testing.assert_array_equal(load_image(tmp_path / "big.png", (8, 8), 3), expected)
+
+
+# EXIF orientation -> how the stored pixels are turned for display (numpy, rows first).
+ORIENTATIONS = {
+    1: lambda a: a,
+    2: np.fliplr,
+    3: lambda a: np.rot90(a, 2),
+    4: np.flipud,
+    5: lambda a: a.T,  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, -1),  # a quarter turn clockwise
+    7: lambda a: np.rot90(a, 2).T,  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, 1),  # a quarter turn counter-clockwise
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_load_image_applies_the_exif_orientation(tmp_path, orientation):
+    # Six 8x8 blocks of distinct grays, 2 x 3 of them: every turn and mirror of it differs.
+    stored = np.kron(np.array([[20, 60, 100], [140, 180, 220]], np.uint8), np.ones((8, 8), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored, "L").save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    with Image.open(tmp_path / "photo.jpg") as image:
+        assert image.size == (24, 16) and image.getexif()[0x0112] == orientation  # stored unturned
+    expected = ORIENTATIONS[orientation](stored)
+    loaded = load_image(tmp_path / "photo.jpg", expected.shape, 1)[0]
+    assert loaded.shape == expected.shape
+    # JPEG's error is a few levels; a wrong turn puts grays 40 or more apart on most pixels.
+    assert np.abs(loaded.astype(int) - expected).max() < 16
 
 
 def test_load_image_names_a_bad_file(tmp_path):

@@ -1,8 +1,10 @@
-"""The CPU routes of linear_relu and conv2d chosen by timing (csrc/cpu/route_choice.h): timed
-once per shape, kept in memory and in a file that a new process reads instead of timing again;
-off with LIGHTNING_HW_AUTOTUNE=0, under deterministic algorithms and for tiny problems; forced
-with LIGHTNING_HW_ROUTE. Every route's results are checked in test_fuzz_ops.py,
-test_ops_linear_relu.py and test_ops_conv2d.py."""
+"""The CPU routes of linear_relu and conv2d (csrc/cpu/route_choice.h): chosen by timing, once per
+shape, kept in memory and in a file that a new process reads instead of timing again; off with
+LIGHTNING_HW_AUTOTUNE=0, under deterministic algorithms and for tiny problems; forced with
+LIGHTNING_HW_ROUTE, per op, an error where the routes it names cannot run a shape; the route
+lists of tests/routes.py against the extension's. Every route's results are checked in
+test_fuzz_ops.py, test_ops_linear_relu.py and test_ops_conv2d.py (the suite runs with timing
+off: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from lightning_hw import ops  # noqa: F401  (loads the extension)
+from routes import (
+    CONV_PARTS,
+    CONV_ROUTES,
+    LINEAR_PARTS,
+    LINEAR_ROUTES,
+    conv2d_route_table,
+    forced_route,
+    linear_relu_route_table,
+)
 
 ROUTES = {"streamed", "tiles", "blas"}
 SHAPE = (64, 400, 100)  # rows, in, out: every route can run it; 5.1 MFLOP, enough to be timed
@@ -120,14 +131,14 @@ def test_an_unwritable_cache_folder_keeps_choices_in_memory(cache_dir, monkeypat
 CONV_PARTS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad")
 
 
-def run_conv(x_shape, w_shape, padding, groups=1):
+def run_conv(x_shape, w_shape, padding, groups=1, stride=1):
     x = torch.randn(x_shape, requires_grad=True)
     w = torch.randn(w_shape, requires_grad=True)
     b = torch.randn(w_shape[0], requires_grad=True)
-    out = ops.conv2d(x, w, b, padding=padding, groups=groups)
+    out = ops.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
     grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
     x, w, b = x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_()
-    reference = F.conv2d(x, w, b, padding=padding, groups=groups)
+    reference = F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
     torch.testing.assert_close(out.detach(), reference.detach(), rtol=1e-4, atol=1e-3)
     for ours, theirs in zip(grads, torch.autograd.grad(reference, (x, w, b), torch.ones_like(reference))):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
@@ -170,3 +181,75 @@ def test_conv_routes_not_timed_under_deterministic_algorithms(cache_dir):
     finally:
         torch.use_deterministic_algorithms(False)
     assert choices() == {} and file_lines(cache_dir) == []
+
+
+# ---- forcing routes (LIGHTNING_HW_ROUTE) ----
+
+
+def test_the_tests_route_lists_are_the_extensions():
+    """tests/routes.py names every route of each op, as the extension describes them."""
+    conv = conv2d_route_table((2, 3, 8, 8), (4, 3, 3, 3), torch.float32)
+    linear = linear_relu_route_table((5, 7), 4, torch.float32)
+    assert set(conv) == set(CONV_PARTS) and set(linear) == set(LINEAR_PARTS)
+    assert all(set(routes) == set(CONV_ROUTES) for routes in conv.values())
+    assert all(set(routes) == set(LINEAR_ROUTES) for routes in linear.values())
+
+
+def test_a_route_of_the_other_op_leaves_this_op_alone():
+    with forced_route("tiles") as ran:
+        run_layer(5, 40, 6)
+        run_conv((2, 3, 8, 8), (4, 3, 3, 3), 1)
+    calls = ran.calls()
+    assert {route for (part, route) in calls if part.startswith("linear_relu")} == {"tiles"}
+    # conv2d: the built-in rule (few channels: planar), not forced.
+    assert {part: route for (part, route) in calls if part.startswith("conv2d")} == dict.fromkeys(CONV_PARTS, "planar")
+
+
+def test_the_first_listed_route_that_can_run_each_part_runs():
+    # As in a network with depthwise, strided and few-channel convolutions and a wide head.
+    with forced_route("planar, depthwise,direct,tiles,blas") as ran:
+        run_conv((2, 8, 8, 8), (8, 1, 3, 3), 1, groups=8)
+        run_conv((2, 3, 8, 8), (4, 3, 3, 3), 1)
+        run_conv((2, 20, 8, 8), (40, 20, 3, 3), 1)
+        run_layer(80, 8200, 70)  # the forward's weight block is past the tiles' limit
+    calls = ran.calls()
+    assert calls == {
+        **{(part, "depthwise"): 1 for part in CONV_PARTS},
+        **{(part, "planar"): 1 for part in CONV_PARTS},
+        **{(part, "direct"): 1 for part in CONV_PARTS},
+        ("linear_relu_forward", "blas"): 1,
+        ("linear_relu_backward_iw", "tiles"): 1,
+    }
+
+
+def test_a_name_of_no_route_is_an_error():
+    with forced_route("tiles,dirct"), pytest.raises(RuntimeError) as error:
+        run_layer(5, 40, 6)
+    assert str(error.value).startswith(
+        "LIGHTNING_HW_ROUTE=tiles,dirct: 'dirct' is not a CPU route (conv2d: direct, planar, depthwise, aten; "
+        "linear_relu: streamed, tiles, blas)"
+    )
+
+
+def test_listed_routes_none_of_which_can_run_a_shape_are_an_error_naming_each():
+    with forced_route("planar,depthwise,tiles") as ran, pytest.raises(RuntimeError) as error:
+        run_conv((2, 20, 8, 8), (40, 20, 3, 3), 1, stride=2)
+    message = str(error.value)
+    assert message.startswith("LIGHTNING_HW_ROUTE=planar,depthwise,tiles: none of the conv2d routes it names can run "
+                              "conv2d_forward of shape Float 2x20x8x8 out 40x4x4 k3x3 s2x2")  # fmt: skip
+    assert "(the routes that can: direct, aten); route 'planar': planar runs stride-1 convolutions" in message
+    assert "; route 'depthwise': depthwise runs convolutions with in_channels == out_channels == groups" in message
+    assert ran.calls() == {}
+
+
+@pytest.mark.parametrize("rows", [0, 5])
+def test_linear_routes_refused_with_their_reasons(rows):
+    table = linear_relu_route_table((rows, 8200), 40, torch.float64)
+    reasons = table["linear_relu_forward"]
+    assert reasons["blas"] == ""
+    if rows == 0:
+        assert reasons["streamed"] == reasons["tiles"] == "there are no rows"
+    else:
+        assert reasons["streamed"] == "streamed takes layers of more than 64 output features, this one has 40"
+        assert reasons["tiles"] == "a packed block of 8200 features x 2 vectors (1025 KiB) is past the tiles' 512 KiB"
+    assert table["linear_relu_backward_iw"]["tiles"] == ("" if rows else "there are no rows")

@@ -4,6 +4,7 @@ CIFAR-10, resuming after an interruption, and bad sweep YAMLs."""
 from __future__ import annotations
 
 import csv
+import re
 import time
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def write_sweep(path: Path, **settings) -> Path:
 
 def run_sweep(config: Path, data_dir: Path, *options: str) -> sweep.SweepResult:
     return main(["sweep", "--config", str(config), f"--data.init_args.data_dir={data_dir}", *options])
+
+
+def sweep_error(capsys, config: Path, data_dir: Path, *options: str) -> tuple[int, str]:
+    """(exit status, stderr) of a sweep that stops on a mistake."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_sweep(config, data_dir, *options)
+    return exit_info.value.code, capsys.readouterr().err
 
 
 def read_table(result: sweep.SweepResult) -> list[dict[str, str]]:
@@ -130,7 +139,7 @@ class SimulatedKill(BaseException):
     """The process dying in the middle of a trial (neither an Exception nor a KeyboardInterrupt)."""
 
 
-def test_resume_runs_only_missing_trials_and_reruns_a_killed_one(tmp_path, data_dir, monkeypatch):
+def test_resume_runs_only_missing_trials_and_reruns_a_killed_one(tmp_path, data_dir, monkeypatch, capsys):
     config = write_sweep(tmp_path / "resume.yaml", fit_args=FAST_FIT)
     options = ["--test_best=false", "--heartbeat_interval=1", "--grace_period=1"]
     first = run_sweep(config, data_dir, "--n_trials=2", *options)
@@ -164,8 +173,8 @@ def test_resume_runs_only_missing_trials_and_reruns_a_killed_one(tmp_path, data_
 
     assert run_sweep(config, data_dir, *options).ran == 0  # all done: nothing reruns
     changed = write_sweep(tmp_path / "resume.yaml", search_space={HIDDEN: [4, 16]})
-    with pytest.raises(ValueError, match="another search_space"):
-        run_sweep(changed, data_dir, *options)
+    status, error = sweep_error(capsys, changed, data_dir, *options)
+    assert status == 2 and "was started with another search_space" in error
 
 
 @pytest.mark.parametrize(
@@ -186,10 +195,11 @@ def test_resume_runs_only_missing_trials_and_reruns_a_killed_one(tmp_path, data_
         ({"fit_args": {HIDDEN: 4}}, "in one place"),
     ],
 )
-def test_bad_sweep_yaml_is_a_clear_error(tmp_path, data_dir, settings, message):
+def test_bad_sweep_yaml_is_a_clear_error(tmp_path, data_dir, settings, message, capsys):
     config = write_sweep(tmp_path / "bad.yaml", **settings)
-    with pytest.raises(ValueError, match=message):
-        run_sweep(config, data_dir)
+    status, error = sweep_error(capsys, config, data_dir)
+    assert status == 2 and error.startswith("error: ") and len(error.splitlines()) == 1
+    assert re.search(message, error), error
     assert not (tmp_path / "out").exists()  # nothing started
 
 
@@ -201,10 +211,11 @@ def test_sweep_options_are_checked_by_the_parser(tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit):
         run_sweep(write_sweep(tmp_path / "bad.yaml", sampler="random"), data_dir)
     config = write_sweep(tmp_path / "ok.yaml")
-    with pytest.raises(ValueError, match="sets a searched argument"):
-        run_sweep(config, data_dir, f"--{HIDDEN}=16")
-    with pytest.raises(ValueError, match="one device"):  # DDP would start the whole sweep again per process
-        run_sweep(config, data_dir, "--trainer.accelerator=cpu", "--trainer.devices=2")
+    status, error = sweep_error(capsys, config, data_dir, f"--{HIDDEN}=16")
+    assert status == 2 and "sets a searched argument" in error
+    # DDP would start the whole sweep again per process.
+    status, error = sweep_error(capsys, config, data_dir, "--trainer.accelerator=cpu", "--trainer.devices=2")
+    assert status == 2 and "one device" in error
 
 
 @pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=[path.name for path in SWEEP_CONFIGS])

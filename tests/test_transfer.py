@@ -16,17 +16,32 @@ from pytorch_lightning import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from fakes import write_cifar10
+from fits import assert_fast_dev_fit
 from lightning_hw.cli import CONFIG_DIR, main
 from lightning_hw.models import TransferNet
-from lightning_hw.models.transfer import TFSameConv2d, import_timm, import_torchvision, rename_lite0_keys, use_our_ops
+from lightning_hw.models.transfer import (
+    MissingDependency,
+    TFSameConv2d,
+    import_timm,
+    import_torchvision,
+    rename_lite0_keys,
+    use_our_ops,
+)
 from lightning_hw.nn import Conv2d, LinearReLU
 
-try:
-    import_torchvision()
-    TORCHVISION_ERROR = None
-except ImportError as error:
-    TORCHVISION_ERROR = str(error)
-needs_torchvision = pytest.mark.skipif(TORCHVISION_ERROR is not None, reason=f"{TORCHVISION_ERROR}")
+
+def missing(importer) -> str | None:
+    """Why an optional library is not installed, or None where it imports. A broken install
+    raises here: this module then fails to load, with the library's own error."""
+    try:
+        importer()
+    except MissingDependency as error:
+        return str(error)
+    return None
+
+
+TORCHVISION_MISSING = missing(import_torchvision)
+needs_torchvision = pytest.mark.skipif(TORCHVISION_MISSING is not None, reason=f"{TORCHVISION_MISSING}")
 
 BACKBONE = "resnet18"  # the smallest ResNet: the tests' forward/backward passes stay quick
 
@@ -51,8 +66,35 @@ def assert_same_outputs_and_gradients(ours, reference, images, labels):
 
 def test_missing_torchvision_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` fail
-    with pytest.raises(ImportError, match="TransferNet needs torchvision"):
+    with pytest.raises(MissingDependency, match="TransferNet needs torchvision"):
         small_net()
+
+
+def fake_package(monkeypatch, tmp_path, name: str, source: str) -> None:
+    """`import name` runs `source` instead of the installed package (which is hidden)."""
+    for module in [module for module in sys.modules if module == name or module.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, module)
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "source, error",
+    [
+        ("raise RuntimeError('operator torchvision::nms does not exist')", "RuntimeError: operator torchvision::nms"),
+        ("from torch import no_such_name", "ImportError: cannot import name 'no_such_name' from 'torch'"),
+        ("import no_such_dependency", "ModuleNotFoundError: No module named 'no_such_dependency'"),
+        ("import torchvision.no_such_module", "ModuleNotFoundError: No module named 'torchvision.no_such_module'"),
+    ],
+    ids=["registering-ops", "missing-torch-name", "missing-dependency", "missing-own-module"],
+)
+def test_a_broken_torchvision_fails_loudly_with_its_own_error(monkeypatch, tmp_path, source, error):
+    fake_package(monkeypatch, tmp_path, "torchvision", source)
+    with pytest.raises(RuntimeError, match=f"torchvision is installed but does not import with torch .*{error}") as info:
+        import_torchvision()
+    assert not isinstance(info.value, ImportError)  # not taken for an absent torchvision (a skip)
+    assert info.value.__cause__ is not None
 
 
 def test_use_our_ops_swaps_convolutions_and_linear_relu_pairs_keeping_outputs_and_keys():
@@ -187,29 +229,39 @@ def test_bad_arguments_are_clear_errors(kwargs, message):
 @needs_torchvision
 def test_transfer_config_fits_through_the_cli(tmp_path, capsys):
     data_dir = write_cifar10(tmp_path / "data").parent
-    main(["fit", "--config", str(CONFIG_DIR / "cifar10_transfer.yaml"), f"--data.data_dir={data_dir}",
-          "--data.val_size=10", "--data.batch_size=8", f"--model.init_args.backbone={BACKBONE}",
-          "--model.init_args.pretrained=false", "--model.init_args.image_size=32",
-          f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=true",
-          "--trainer.enable_progress_bar=false"])  # fmt: skip
-    assert "test accuracy: " in capsys.readouterr().out
+    cli = main(["fit", "--config", str(CONFIG_DIR / "cifar10_transfer.yaml"), f"--data.data_dir={data_dir}",
+                "--data.val_size=10", "--data.batch_size=8", f"--model.init_args.backbone={BACKBONE}",
+                "--model.init_args.pretrained=false", "--model.init_args.image_size=32",
+                f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=true",
+                "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert_fast_dev_fit(cli, capsys.readouterr().out, "TransferNet")
+    assert type(cli.model.backbone).__name__ == "ResNet" and isinstance(cli.model.head[0], LinearReLU)
 
 
 # -- timm's tf_efficientnet_lite0 with the packaged ImageNet weights ------------------------
 
-try:
-    import_timm()
-    TIMM_ERROR = None
-except ImportError as error:
-    TIMM_ERROR = str(error)
-needs_timm = pytest.mark.skipif(TIMM_ERROR is not None, reason=f"{TIMM_ERROR}")
+TIMM_MISSING = missing(import_timm)
+needs_timm = pytest.mark.skipif(TIMM_MISSING is not None, reason=f"{TIMM_MISSING}")
 LITE0 = {"backbone": "tf_efficientnet_lite0", "image_size": 32}
 
 
 def test_missing_timm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
-    with pytest.raises(ImportError, match=r"need timm: pip install 'lightning_hw\[transfer\]'"):
+    with pytest.raises(MissingDependency, match=r"need timm, which is not installed: pip install 'lightning_hw\[transfer\]'"):
         small_net(**LITE0)
+
+
+def test_timm_without_torchvision_is_missing_not_broken(monkeypatch, tmp_path):
+    fake_package(monkeypatch, tmp_path, "timm", "import torchvision")
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(MissingDependency, match="need timm, and timm needs torchvision, which is not installed"):
+        import_timm()
+
+
+def test_a_broken_timm_fails_loudly_with_its_own_error(monkeypatch, tmp_path):
+    fake_package(monkeypatch, tmp_path, "timm", "from torch import no_such_name")
+    with pytest.raises(RuntimeError, match="timm is installed but does not import .*ImportError: cannot import name"):
+        import_timm()
 
 
 @needs_timm
@@ -326,8 +378,9 @@ def test_bad_normalisation_and_backbone_names_are_clear_errors(kwargs, message):
 @needs_timm
 def test_lite0_config_fits_through_the_cli(tmp_path, capsys):
     data_dir = write_cifar10(tmp_path / "data").parent
-    main(["fit", "--config", "cifar10_transfer_lite0", f"--data.data_dir={data_dir}",
-          "--data.val_size=10", "--data.batch_size=8", "--model.init_args.pretrained=false",
-          "--model.init_args.image_size=32", f"--trainer.default_root_dir={tmp_path / 'runs'}",
-          "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])  # fmt: skip
-    assert "test accuracy: " in capsys.readouterr().out
+    cli = main(["fit", "--config", "cifar10_transfer_lite0", f"--data.data_dir={data_dir}",
+                "--data.val_size=10", "--data.batch_size=8", "--model.init_args.pretrained=false",
+                "--model.init_args.image_size=32", f"--trainer.default_root_dir={tmp_path / 'runs'}",
+                "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert_fast_dev_fit(cli, capsys.readouterr().out, "TransferNet")
+    assert type(cli.model.backbone).__name__ == "EfficientNet" and isinstance(cli.model.head[0], LinearReLU)

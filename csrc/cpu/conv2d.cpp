@@ -897,11 +897,23 @@ bool aten_can_run(const Conv2dShape& s, bool pad_same) {
   return !pad_same || (((s.kernel_h - 1) * s.dilation_h) % 2 == 0 && ((s.kernel_w - 1) * s.dilation_w) % 2 == 0);
 }
 
+// Why the planar kernels do not take a part: `convolution` says what its
+// convolution is, with out_per_group outputs per group and reduce
+// multiply-adds per output.
+template <typename scalar_t>
+std::string planar_refusal(const std::string& convolution, int64_t out_per_group, int64_t reduce) {
+  return c10::str(
+      "planar runs stride-1 convolutions with at most ", lanes<scalar_t>() / 2,
+      " output channels per group or at most ", kPlanarMaxReduce, " multiply-adds per output; ", convolution, " has ",
+      out_per_group, " output channels per group and ", reduce, " multiply-adds per output");
+}
+
 template <typename scalar_t>
 cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_same) {
   static constexpr const char* kOps[] = {"conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad"};
   cpu::RouteQuery query;
   query.op = kOps[static_cast<int>(part)];
+  query.family = "conv2d";
   query.shape = c10::str(
       c10::toString(c10::CppTypeToScalarType<scalar_t>::value), " ", s.batch, "x", s.in_channels, "x", s.in_h, "x",
       s.in_w, " out ", s.out_channels, "x", s.out_h, "x", s.out_w, " k", s.kernel_h, "x", s.kernel_w, " s",
@@ -912,10 +924,40 @@ cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_s
   // The direct kernels run every shape; they are timed against the planar
   // ones (whose rule is a threshold), not against depthwise (one useful lane
   // in a vector there).
-  if (query.fallback == "planar") query.candidates.push_back("direct");
-  if (aten_can_run(s, pad_same)) query.candidates.push_back("aten");
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  if (query.fallback == "depthwise") {
+    const std::string why = c10::str(
+        "a depthwise convolution (in_channels == out_channels == groups == ", s.groups, ") runs the depthwise route");
+    query.excluded = {{"direct", why}, {"planar", why}};
+  } else {
+    query.excluded.emplace_back(
+        "depthwise", c10::str("depthwise runs convolutions with in_channels == out_channels == groups; here in_channels ",
+                              s.in_channels, ", out_channels ", s.out_channels, ", groups ", s.groups));
+    if (query.fallback == "planar") {
+      query.candidates.push_back("direct");
+    } else if (part == ConvPart::kInputGrad) {
+      query.excluded.emplace_back(
+          "planar", planar_refusal<scalar_t>(
+                        "the input gradient (a stride-1 convolution of grad_output)", s.in_channels_per_group(),
+                        s.out_channels_per_group() * taps));
+    } else {
+      query.excluded.emplace_back(
+          "planar", planar_refusal<scalar_t>(
+                        c10::str("this convolution (stride ", s.stride_h, "x", s.stride_w, ")"),
+                        s.out_channels_per_group(), s.in_channels_per_group() * taps));
+    }
+  }
+  if (aten_can_run(s, pad_same)) {
+    query.candidates.push_back("aten");
+  } else {
+    query.excluded.emplace_back(
+        "aten", c10::str(
+                    "torch's convolution pads both sides alike, and padding='same' with a kernel extent of ",
+                    (s.kernel_h - 1) * s.dilation_h + 1, "x", (s.kernel_w - 1) * s.dilation_w + 1,
+                    " pads one side more"));
+  }
   query.flops = 2.0 * double(s.batch) * double(s.out_channels) * double(s.out_h * s.out_w) *
-                double(s.in_channels_per_group() * s.kernel_h * s.kernel_w);
+                double(s.in_channels_per_group() * taps);
   return query;
 }
 
@@ -1380,7 +1422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
         output_mask[0] && grad_input.numel() > 0
             ? cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same), run_input_grad)
             : "";
-    // The bias gradient alone is one pass over grad_output: nothing to time.
+    // The bias gradient alone is one pass over grad_output: nothing to time or force.
     std::string weight_route;
     if (output_mask[1]) {
       weight_route =
@@ -1405,6 +1447,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
 }
 
 }  // namespace
+
+std::vector<std::string> cpu::conv2d_routes(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool pad_same) {
+  const Conv2dShape s = conv2d_shape_of(input, weight, std::nullopt, stride, padding, dilation, groups, pad_same);
+  std::vector<std::string> lines;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::conv2d_cpu_routes", [&] {
+    for (const ConvPart part : {ConvPart::kForward, ConvPart::kInputGrad, ConvPart::kWeightGrad})
+      for (std::string& line : cpu::describe_routes(conv_route_query<scalar_t>(s, part, pad_same)))
+        lines.push_back(std::move(line));
+  });
+  return lines;
+}
+
 }  // namespace lightning_hw
 
 TORCH_LIBRARY_IMPL(lightning_hw, CPU, m) {

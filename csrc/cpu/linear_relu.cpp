@@ -430,10 +430,11 @@ void bias_relu_inplace(scalar_t* out, const scalar_t* bias, int64_t rows, int64_
   });
 }
 
-// The routes that can run a GEMM of this shape, and the built-in rule's pick.
-// The tiles reduce over `tile_reduce` features and the rule gives them shapes
-// of at least `tile_min_rows` rows (or few outputs); `streamed_ok` is false
-// where the streamed route cannot run whatever the shape.
+// The routes that can run a GEMM of this shape (with why the others cannot),
+// and the built-in rule's pick. The tiles reduce over `tile_reduce` features
+// and the rule gives them shapes of at least `tile_min_rows` rows (or few
+// outputs); `streamed_ok` is false where the streamed route cannot run whatever
+// the shape.
 template <typename scalar_t>
 cpu::RouteQuery route_query(
     const std::string& op, int64_t rows, int64_t in_features, int64_t out_features, int64_t tile_reduce,
@@ -442,16 +443,51 @@ cpu::RouteQuery route_query(
   const bool tiles = tiles_can_run<scalar_t>(rows, tile_reduce);
   cpu::RouteQuery query;
   query.op = op;
+  query.family = "linear_relu";
   query.shape = std::string(c10::toString(c10::CppTypeToScalarType<scalar_t>::value)) + " " + std::to_string(rows) +
                 "x" + std::to_string(in_features) + "x" + std::to_string(out_features);
-  if (streamed) query.candidates.push_back("streamed");
-  if (tiles) query.candidates.push_back("tiles");
+  if (streamed) {
+    query.candidates.push_back("streamed");
+  } else {
+    query.excluded.emplace_back(
+        "streamed", !streamed_ok ? std::string("the streamed forward needs input features to sum over, there are none")
+                    : rows == 0  ? std::string("there are no rows")
+                                 : c10::str("streamed takes layers of more than ", kTileMaxOutFeatures,
+                                            " output features, this one has ", out_features));
+  }
+  if (tiles) {
+    query.candidates.push_back("tiles");
+  } else {
+    query.excluded.emplace_back(
+        "tiles", rows == 0 ? std::string("there are no rows")
+                           : c10::str("a packed block of ", tile_reduce, " features x 2 vectors (",
+                                      tile_reduce * 2 * cpu::lanes<scalar_t>() * int64_t(sizeof(scalar_t)) / 1024,
+                                      " KiB) is past the tiles' ", kTileMaxBlockBytes / 1024, " KiB"));
+  }
   query.candidates.push_back("blas");
   query.fallback = streamed && use_streamed(rows, out_features)                                ? "streamed"
                    : use_tiles<scalar_t>(rows, tile_reduce, out_features, tile_min_rows) ? "tiles"
                                                                                              : "blas";
   query.flops = 2.0 * double(rows) * double(in_features) * double(out_features);
   return query;
+}
+
+// The streamed forward sums its reduction chunk by chunk into partial sums
+// that an empty reduction would leave unwritten: no input features go to the
+// tiles or BLAS, whose empty sums are zero.
+template <typename scalar_t>
+cpu::RouteQuery forward_query(int64_t rows, int64_t in_features, int64_t out_features) {
+  return route_query<scalar_t>(
+      "linear_relu_forward", rows, in_features, out_features, in_features, kTileMinRowsForward, in_features > 0);
+}
+
+// The backward's part is named after the gradients it computes ("i", "w");
+// the input gradient's tiles reduce over the output features.
+template <typename scalar_t>
+cpu::RouteQuery backward_query(std::array<bool, 3> output_mask, int64_t rows, int64_t in_features, int64_t out_features) {
+  const std::string masks = std::string(output_mask[0] ? "i" : "") + (output_mask[1] ? "w" : "");
+  return route_query<scalar_t>(
+      "linear_relu_backward_" + masks, rows, in_features, out_features, out_features, kTileMinRowsBackward, true);
 }
 
 // out = relu(x w^T + bias) by `route`; x (rows, in) and w (out, in) contiguous.
@@ -495,11 +531,7 @@ at::Tensor linear_relu_cpu(
   at::Tensor out = at::empty({rows, out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
     const scalar_t* bias_data = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    // The streamed forward sums its reduction chunk by chunk into partial
-    // sums that an empty reduction would leave unwritten: no input features
-    // go to the tiles or BLAS, whose empty sums are zero.
-    const auto query = route_query<scalar_t>(
-        "linear_relu_forward", rows, in_features, out_features, in_features, kTileMinRowsForward, in_features > 0);
+    const auto query = forward_query<scalar_t>(rows, in_features, out_features);
     const auto run = [&](const std::string& route) {
       linear_relu_forward_route<scalar_t>(route, x, w, bias_data, out);
     };
@@ -609,10 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
         rows, out_features);
     const at::Tensor w = weight.contiguous();
     const at::Tensor x = as_rows(input, in_features).contiguous();
-    // The input gradient's tiles reduce over the output features.
-    const std::string masks = std::string(output_mask[0] ? "i" : "") + (output_mask[1] ? "w" : "");
-    const auto query = route_query<scalar_t>(
-        "linear_relu_backward_" + masks, rows, in_features, out_features, out_features, kTileMinRowsBackward, true);
+    const auto query = backward_query<scalar_t>(output_mask, rows, in_features, out_features);
     const auto run = [&](const std::string& route) {
       if (output_mask[0]) grad_input = at::empty(input.sizes(), options);
       if (output_mask[1]) grad_weight = cpu::recycled_empty(weight.sizes(), options);
@@ -625,6 +654,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
 }
 
 }  // namespace
+
+std::vector<std::string> cpu::linear_relu_routes(const at::Tensor& input, const at::Tensor& weight) {
+  check_linear_relu_operands(input, weight, std::nullopt, kCpuDtypes, "CPU");
+  const int64_t in_features = weight.size(1), out_features = weight.size(0);
+  const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  std::vector<std::string> lines;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lightning_hw::linear_relu_cpu_routes", [&] {
+    lines = cpu::describe_routes(forward_query<scalar_t>(rows, in_features, out_features));
+    const auto backward = backward_query<scalar_t>({true, true, true}, rows, in_features, out_features);
+    for (std::string& line : cpu::describe_routes(backward)) lines.push_back(std::move(line));
+  });
+  return lines;
+}
+
 }  // namespace lightning_hw
 
 TORCH_LIBRARY_IMPL(lightning_hw, CPU, m) {

@@ -35,6 +35,7 @@ using ChoiceKey = std::pair<std::string, std::string>;  // (op, shape)
 struct Choices {
   std::mutex mutex;
   std::map<std::string, std::map<ChoiceKey, std::string>> by_file;  // "" = memory only
+  std::map<std::pair<std::string, std::string>, int64_t> runs;      // (op, route) -> calls
 };
 
 Choices& choices() {
@@ -130,6 +131,78 @@ bool is_candidate(const RouteQuery& query, const std::string& route) {
   return std::find(query.candidates.begin(), query.candidates.end(), route) != query.candidates.end();
 }
 
+std::string join(const std::vector<std::string>& names, const char* separator = ", ") {
+  std::string text;
+  for (const std::string& name : names) text += (text.empty() ? "" : separator) + name;
+  return text;
+}
+
+// The op whose routes include `route`, or "" for no op.
+std::string family_of(const std::string& route) {
+  for (const auto& [family, routes] : op_routes())
+    if (std::find(routes.begin(), routes.end(), route) != routes.end()) return family;
+  return "";
+}
+
+// The query's routes are its op's, each once: a route added to an op and
+// forgotten in its query (or the reverse) fails every call, not just forcing.
+void check_query(const RouteQuery& query) {
+  std::vector<std::string> routes = query.candidates;
+  for (const auto& excluded : query.excluded) routes.push_back(excluded.first);
+  std::sort(routes.begin(), routes.end());
+  const auto family = std::find_if(
+      op_routes().begin(), op_routes().end(), [&](const auto& entry) { return entry.first == query.family; });
+  TORCH_INTERNAL_ASSERT(family != op_routes().end(), "route query of an unknown op ", query.family);
+  std::vector<std::string> expected = family->second;
+  std::sort(expected.begin(), expected.end());
+  TORCH_INTERNAL_ASSERT(routes == expected, "the routes of ", query.op, " are not those of ", query.family);
+  TORCH_INTERNAL_ASSERT(is_candidate(query, query.fallback), "route fallback must be a candidate");
+}
+
+// The routes LIGHTNING_HW_ROUTE lists for the query's op, in order (empty: not
+// forced). Names are separated by commas, blanks around them ignored.
+std::vector<std::string> forced_routes(const RouteQuery& query, const std::string& value) {
+  std::vector<std::string> listed;
+  std::istringstream names(value);
+  std::string name;
+  while (std::getline(names, name, ',')) {
+    const size_t first = name.find_first_not_of(" \t");
+    if (first == std::string::npos) continue;
+    name = name.substr(first, name.find_last_not_of(" \t") - first + 1);
+    const std::string family = family_of(name);
+    if (family.empty()) {
+      std::string known;
+      for (const auto& [op, routes] : op_routes()) known += (known.empty() ? "" : "; ") + op + ": " + join(routes);
+      TORCH_CHECK(false, "LIGHTNING_HW_ROUTE=", value, ": '", name, "' is not a CPU route (", known, ")");
+    }
+    if (family == query.family) listed.push_back(name);
+  }
+  return listed;
+}
+
+// The first listed route that can run the query's shape, else the error that
+// says why none can.
+std::string first_runnable(const RouteQuery& query, const std::vector<std::string>& listed, const std::string& value) {
+  for (const std::string& route : listed)
+    if (is_candidate(query, route)) return route;
+  const auto why_not = [&](const std::string& route) {
+    return std::find_if(query.excluded.begin(), query.excluded.end(), [&](const auto& entry) {
+             return entry.first == route;
+           })->second;
+  };
+  std::ostringstream why;
+  why << "LIGHTNING_HW_ROUTE=" << value << ": ";
+  if (listed.size() == 1) {
+    why << "route '" << listed[0] << "' cannot run " << query.op << " of shape " << query.shape << ": "
+        << why_not(listed[0]) << " (the routes that can: " << join(query.candidates) << ")";
+  } else {
+    why << "none of the " << query.family << " routes it names can run " << query.op << " of shape " << query.shape
+        << " (the routes that can: " << join(query.candidates) << ")";
+    for (const std::string& route : listed) why << "; route '" << route << "': " << why_not(route);
+  }
+  TORCH_CHECK(false, why.str());
+}
+
 std::vector<double> best_seconds(
     const std::vector<std::string>& routes, const std::function<void(const std::string&)>& run) {
   using clock = std::chrono::steady_clock;
@@ -148,12 +221,11 @@ std::vector<double> best_seconds(
   return best;
 }
 
-}  // namespace
-
-std::string choose_route(const RouteQuery& query, const std::function<void(const std::string&)>& run) {
-  TORCH_INTERNAL_ASSERT(is_candidate(query, query.fallback), "route fallback must be a candidate");
+// The route to run, without counting it.
+std::string pick_route(const RouteQuery& query, const std::function<void(const std::string&)>& run) {
   const std::string forced = env("LIGHTNING_HW_ROUTE");
-  if (!forced.empty()) return is_candidate(query, forced) ? forced : query.fallback;
+  const std::vector<std::string> listed = forced_routes(query, forced);
+  if (!listed.empty()) return first_runnable(query, listed, forced);
   if (query.candidates.size() == 1 || query.flops < kMinTimedFlops || env("LIGHTNING_HW_AUTOTUNE") == "0" ||
       at::globalContext().deterministicAlgorithms())
     return query.fallback;
@@ -183,6 +255,25 @@ std::string choose_route(const RouteQuery& query, const std::function<void(const
   return chosen;
 }
 
+}  // namespace
+
+const std::vector<std::pair<std::string, std::vector<std::string>>>& op_routes() {
+  static const std::vector<std::pair<std::string, std::vector<std::string>>> routes{
+      {"conv2d", {"direct", "planar", "depthwise", "aten"}},
+      {"linear_relu", {"streamed", "tiles", "blas"}},
+  };
+  return routes;
+}
+
+std::string choose_route(const RouteQuery& query, const std::function<void(const std::string&)>& run) {
+  check_query(query);
+  cpu_isa_name();  // throws for a LIGHTNING_HW_CPU_ISA this process cannot run
+  const std::string route = pick_route(query, run);
+  std::lock_guard<std::mutex> lock(choices().mutex);
+  ++choices().runs[{query.op, route}];
+  return route;
+}
+
 std::vector<std::string> route_choices() {
   std::lock_guard<std::mutex> lock(choices().mutex);
   std::vector<std::string> lines;
@@ -195,6 +286,22 @@ std::vector<std::string> route_choices() {
 void clear_route_choices() {
   std::lock_guard<std::mutex> lock(choices().mutex);
   choices().by_file.clear();
+}
+
+std::vector<std::string> routes_run() {
+  std::lock_guard<std::mutex> lock(choices().mutex);
+  std::vector<std::string> lines;
+  for (const auto& [key, calls] : choices().runs)
+    lines.push_back(key.first + "\t" + key.second + "\t" + std::to_string(calls));
+  return lines;
+}
+
+std::vector<std::string> describe_routes(const RouteQuery& query) {
+  check_query(query);
+  std::vector<std::string> lines;
+  for (const std::string& route : query.candidates) lines.push_back(query.op + "\t" + route + "\t");
+  for (const auto& [route, why] : query.excluded) lines.push_back(query.op + "\t" + route + "\t" + why);
+  return lines;
 }
 
 }  // namespace cpu

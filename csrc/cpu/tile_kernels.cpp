@@ -4,11 +4,14 @@
 // from the CPU's features: the default build stays portable.
 #include "cpu/tile_kernels.h"
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 
 #pragma GCC push_options
@@ -67,17 +70,57 @@ constexpr int kIsaVectorBytes = 16;
 
 enum class Isa { kAvx512, kAvx2, kBaseline };
 
+// The variants, best first, and the CPU features each needs that this CPU lacks.
+struct Variant {
+  Isa isa;
+  const char* name;
+  std::vector<std::string> missing;
+};
+
+const std::vector<Variant>& variants() {
+  static const std::vector<Variant> list = [] {
+    __builtin_cpu_init();
+    // __builtin_cpu_supports takes string literals only: one test per feature.
+    std::vector<std::string> avx512, avx2;
+    if (!__builtin_cpu_supports("avx512f")) avx512.push_back("avx512f");
+    if (!__builtin_cpu_supports("avx512vl")) avx512.push_back("avx512vl");
+    if (!__builtin_cpu_supports("avx512dq")) avx512.push_back("avx512dq");
+    if (!__builtin_cpu_supports("avx2")) avx2.push_back("avx2");
+    if (!__builtin_cpu_supports("fma")) avx2.push_back("fma");
+    for (const std::string& feature : avx2) avx512.push_back(feature);  // its kernels use AVX2 and FMA too
+    return std::vector<Variant>{{Isa::kAvx512, "avx512", avx512}, {Isa::kAvx2, "avx2", avx2}, {Isa::kBaseline, "baseline", {}}};
+  }();
+  return list;
+}
+
+std::string join(const std::vector<std::string>& names, const char* separator) {
+  std::string text;
+  for (const std::string& name : names) text += (text.empty() ? "" : separator) + name;
+  return text;
+}
+
+// The best variant this CPU runs, or the one LIGHTNING_HW_CPU_ISA names: a
+// name of no variant, or of one this CPU cannot run, is an error (thrown on
+// every use: a static whose initialiser throws is initialised again next time).
 Isa chosen_isa() {
   static const Isa chosen = [] {
     const char* forced = std::getenv("LIGHTNING_HW_CPU_ISA");
     const std::string want = forced ? forced : "";
-    __builtin_cpu_init();
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx512 && (want.empty() || want == "avx512")) return Isa::kAvx512;
-    if (avx2 && want != "baseline") return Isa::kAvx2;
-    return Isa::kBaseline;
+    std::vector<std::string> names, runnable;
+    for (const Variant& variant : variants()) {
+      names.push_back(variant.name);
+      if (variant.missing.empty()) runnable.push_back(variant.name);
+    }
+    for (const Variant& variant : variants()) {
+      if (want.empty() ? !variant.missing.empty() : want != variant.name) continue;
+      TORCH_CHECK(
+          variant.missing.empty(), "LIGHTNING_HW_CPU_ISA=", want, ": this CPU cannot run the ", want,
+          " kernels, it lacks ", join(variant.missing, ", "), " (it runs ", join(runnable, ", "), ")");
+      return variant.isa;
+    }
+    TORCH_CHECK(
+        false, "LIGHTNING_HW_CPU_ISA=", want, " is not a kernel variant: expected one of ", join(names, ", "),
+        ", or unset for the best this CPU runs (", runnable.front(), ")");
   }();
   return chosen;
 }
@@ -85,11 +128,43 @@ Isa chosen_isa() {
 }  // namespace
 
 const char* cpu_isa_name() {
-  switch (chosen_isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
-  }
+  for (const Variant& variant : variants())
+    if (variant.isa == chosen_isa()) return variant.name;
+  return "";
+}
+
+std::vector<std::string> cpu_isa_variants() {
+  std::vector<std::string> lines;
+  for (const Variant& variant : variants()) lines.push_back(std::string(variant.name) + "\t" + join(variant.missing, " "));
+  return lines;
+}
+
+std::vector<std::string> cpu_kernel_tiles() {
+  const ConvKernels<float>& conv = kernels<float>();
+  const IsaTiles& t = conv.tiles;
+  const auto values = [](const char* key, std::vector<int> numbers) {
+    std::string line = std::string(key) + "=";
+    for (size_t i = 0; i < numbers.size(); ++i) line += (i > 0 ? "," : "") + std::to_string(numbers[i]);
+    return line;
+  };
+  std::vector<int> planar_rows[2];
+  for (int vectors = 0; vectors < 2; ++vectors)
+    for (int channels = 0; channels < t.planar_channels[vectors]; ++channels)
+      planar_rows[vectors].push_back(conv.planar_rows[vectors][channels]);
+  return {
+      std::string("isa=") + cpu_isa_name(),
+      values("vector_bytes", {conv.native_lanes * int(sizeof(float))}),
+      values("conv_pixels", {t.conv_pixels}),
+      values("wgrad_rows", {t.wgrad_rows[0], t.wgrad_rows[1]}),
+      values("planar_channels", {t.planar_channels[0], t.planar_channels[1]}),
+      values("planar_rows_one_vector", planar_rows[0]),
+      values("planar_rows_two_vectors", planar_rows[1]),
+      values("planar_wgrad_channels", {t.planar_wgrad_channels}),
+      values("planar_wgrad_positions", {t.planar_wgrad_positions}),
+      values("dw_pixels", {depthwise_kernels<float>().pixels}),
+      values("dw_wgrad_taps", {depthwise_kernels<float>().taps}),
+      values("gemm_rows", {gemm_kernels<float>().rows_per_tile}),
+  };
 }
 
 namespace {

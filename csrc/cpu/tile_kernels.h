@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -102,8 +103,9 @@ struct GemmKernels {
 };
 
 // The best variant this CPU runs (float and double). LIGHTNING_HW_CPU_ISA=
-// avx2|baseline forces a lesser one (to test those code paths on an AVX-512
-// machine).
+// avx512|avx2|baseline forces one (to test each variant's code on one machine);
+// a name of no variant, or of one this CPU lacks the features for, is an error
+// (on first use, and on every use after).
 template <typename scalar_t>
 const ConvKernels<scalar_t>& kernels();
 template <typename scalar_t>
@@ -112,6 +114,14 @@ template <typename scalar_t>
 const DepthwiseKernels<scalar_t>& depthwise_kernels();
 // That variant's name: "avx512", "avx2" or "baseline".
 const char* cpu_isa_name();
+// Every variant, best first, as "name<TAB>features this CPU lacks" lines (the
+// features space-separated, none where this CPU runs it).
+std::vector<std::string> cpu_isa_variants();
+// The chosen variant's register tile sizes (IsaTiles, the depthwise and GEMM
+// tiles, the planar tiles' rows per channel count), as "key=value[,value...]"
+// lines after "isa=name": the tests pick shapes that end in partial tiles of
+// each variant from them.
+std::vector<std::string> cpu_kernel_tiles();
 
 // Lanes of the 64-byte vector, the unit of the packed layouts.
 template <typename scalar_t>

@@ -24,6 +24,7 @@ from lightning_hw.data.preprocessing import (
     normalization_stats,
 )
 from lightning_hw.data.splits import EpochSeededSampler, seeded_split
+from lightning_hw.errors import CommandError
 
 
 class InMemoryImageDataset(Dataset):
@@ -207,7 +208,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         was turned: its statistics (restored from a checkpoint, or computed by `setup("fit")`) and the
         flattening. `predict` applies it to every image file; `export` puts it into the ONNX graph.
 
-        Raises a RuntimeError when the data are normalised and no statistics were loaded.
+        Raises a CommandError when the data are normalised and no statistics were loaded.
         """
         if self.normalize == "none":
             mean = std = None
@@ -216,9 +217,11 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         elif self._preprocessor is not None:
             mean, std = self._preprocessor.mean, self._preprocessor.std
         else:
-            raise RuntimeError(
-                f"image files for a model trained with normalize={self.normalize!r} need the train split's statistics, and "
-                "none were loaded: pass the checkpoint of a fit (--ckpt_path), whose DataModule state carries them"
+            raise CommandError(
+                f"the model's input (normalize={self.normalize!r}) needs the train split's statistics, and "
+                "the checkpoint carries none",
+                None,
+                "pass a checkpoint written by fit (--ckpt_path), whose DataModule state carries them",
             )
         return Normalization(mean, std, self.flatten)
 

@@ -187,12 +187,12 @@ def read_image_folder(
     with no image files, is a DataNotFoundError.
     """
     if not folder.is_dir():
-        raise DataNotFoundError(f"predict_dir {folder} is not a folder: give a folder of images to classify")
+        raise DataNotFoundError(f"predict_dir is not a folder ({folder}): give a folder of images to classify")
     files = list_image_files(folder)
     if not files:
         raise DataNotFoundError(
-            f"predict_dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
-            "in it or in its subfolders"
+            f"predict_dir holds no image files ({folder}): put the images to classify in it or its subfolders "
+            f"({', '.join(IMAGE_EXTENSIONS)})"
         )
     images, names, skipped = [], [], []
     for path in files:

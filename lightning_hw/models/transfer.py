@@ -27,8 +27,21 @@ from lightning_hw.nn import Conv2d, LinearReLU
 TIMM_BACKBONES = ("tf_efficientnet_lite0",)
 
 
+class MissingDependency(ImportError):
+    """An optional dependency of TransferNet (torchvision, timm) is not installed. One that is
+    installed but fails to import raises a RuntimeError with its own error instead: a broken
+    install is not mistaken for an absent one."""
+
+
+def _absent(error: ImportError, *packages: str) -> bool:
+    """Whether `error` says that one of the `packages` is not installed (not a module inside it:
+    a package that lacks one of its own modules is a broken install)."""
+    return isinstance(error, ModuleNotFoundError) and error.name in packages
+
+
 def import_torchvision():
-    """torchvision, or an ImportError that says why it is missing or does not load."""
+    """torchvision; MissingDependency where it is not installed, RuntimeError (from its own
+    error) where it is but does not import."""
     release = torch.__version__.split("+")[0]
     advice = (
         f"install the torchvision built for torch {release} with `pip install torchvision -c constraints.txt`, "
@@ -37,22 +50,32 @@ def import_torchvision():
     )
     try:
         import torchvision
-    except ImportError as error:
-        raise ImportError(f"TransferNet needs torchvision: {advice}") from error
     except Exception as error:  # a wheel built for another torch fails while registering its ops
-        raise ImportError(f"torchvision does not load with torch {torch.__version__} ({error}): {advice}") from error
+        if isinstance(error, ImportError) and _absent(error, "torchvision"):
+            raise MissingDependency(f"TransferNet needs torchvision: {advice}") from error
+        raise RuntimeError(
+            f"torchvision is installed but does not import with torch {torch.__version__} "
+            f"({type(error).__name__}: {error}): {advice}"
+        ) from error
     return torchvision
 
 
 def import_timm():
-    """timm, or an ImportError that says how to install it."""
+    """timm; MissingDependency where it (or torchvision, which it imports) is not installed,
+    RuntimeError (from its own error) where it is but does not import."""
     advice = "pip install 'lightning_hw[transfer]' (or pip install timm)"
+    backbones = ", ".join(TIMM_BACKBONES)
     try:
         import timm
-    except ImportError as error:
-        raise ImportError(f"TransferNet's {', '.join(TIMM_BACKBONES)} backbones need timm: {advice} ({error})") from error
-    except Exception as error:  # timm imports torchvision, which fails this way when built for another torch
-        raise ImportError(f"timm does not load with torch {torch.__version__} ({error}): {advice}") from error
+    except Exception as error:  # e.g. timm imports a torchvision built for another torch
+        if isinstance(error, ImportError) and _absent(error, "timm", "torchvision"):
+            missing = "timm, which" if _absent(error, "timm") else "timm, and timm needs torchvision, which"
+            raise MissingDependency(
+                f"TransferNet's {backbones} backbones need {missing} is not installed: {advice} ({error})"
+            ) from error
+        raise RuntimeError(
+            f"timm is installed but does not import with torch {torch.__version__} ({type(error).__name__}: {error})"
+        ) from error
     return timm
 
 
