@@ -3,54 +3,45 @@ a trained classifier as one ONNX file for deployment (phones, browsers, C++ serv
 
 The file takes what a user has at hand, a batch of images as float32 in [0, 1], (N, C, H, W) at
 the training size and channels (the batch size is free), and returns class probabilities
-(N, num_classes). The checkpoint's normalisation (mean image, per-channel mean and std, the
-flattening of the two-layer net) is inside the graph: the `Normalization` that `predict` applies
+(N, num_classes). The checkpoint's normalisation (mean image, or per-channel mean and std,
+and flattening where the data were flattened) is inside the graph: the `Normalization` that `predict` applies
 to image files (lightning_hw/data/preprocessing.py). Only standard ONNX operators (the ops'
 translations are lightning_hw/onnx_ops.py). Its metadata_props name the classes and say how to
 read an image file into that input (channels, size, resize rule, value range), so nothing else
 has to travel with it.
 
-Before it is kept, the file is checked: onnx.checker, standard operators only, and ONNX Runtime's
-probabilities against PyTorch's on random images. Needs `pip install 'lightning_hw[export]'`.
+Before it is written, the file is checked: onnx.checker, standard operators only, and ONNX Runtime's
+probabilities against PyTorch's on random images (a failure there is a bug: a RuntimeError, no file).
+A user's mistake (checkpoint, config, output path, a missing package of `pip install
+'lightning_hw[export]'`) is a CommandError / UsageError, reported in one line (lightning_hw.errors).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
+from argparse import ArgumentError
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
 
 import torch
-import yaml
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import Path_fr
 from torch import nn
 
 import lightning_hw
+from lightning_hw.cli import PROGRAM, read_checkpoint, run_config_hint
 from lightning_hw.data import ImageClassificationDataModule
 from lightning_hw.data.images import image_reading_rule
 from lightning_hw.data.preprocessing import Normalization
+from lightning_hw.ensemble import config_data_arguments, load_member
+from lightning_hw.errors import CommandError, UsageError, innermost_reason, parse_error_parts
 from lightning_hw.models import ImageClassifier
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
 # How far ONNX Runtime's probabilities may lie from PyTorch's before the file is refused.
 CHECK_TOLERANCE = 1e-4
-
-# Exit statuses, as the other subcommands: 2 for a usage mistake (options, config), 1 for a
-# problem with the checkpoint, the packages or the file written.
-USAGE_ERROR = 2
-FAILURE = 1
-
-
-class ExportError(Exception):
-    """What stops an export, with the exit status it ends the command with."""
-
-    def __init__(self, message: str, status: int = FAILURE) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class DeployedClassifier(nn.Module):
@@ -66,81 +57,46 @@ class DeployedClassifier(nn.Module):
         return self.model.probabilities(self.normalization(images))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_hw export",
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=f"{PROGRAM} export",
         description=(
             "Write a trained classifier as one ONNX file: float32 images in [0, 1] (N, C, H, W) at the training "
             "size in, the checkpoint's normalisation inside, class probabilities out; standard ONNX operators; "
-            "metadata naming the classes and the input. Checked in ONNX Runtime before it is kept."
+            "metadata naming the classes and the input. Checked in ONNX Runtime before it is written."
         ),
+        exit_on_error=False,  # a mistake is raised, and reported in one line by lightning_hw.cli.main
+        allow_abbrev=False,  # as the other subcommands: `-c`/`--config` only
     )
-    parser.add_argument("-c", "--config", required=True, help="The run's config.yaml (or a shipped config's name).")
-    parser.add_argument("--ckpt_path", required=True, help="A checkpoint written by fit.")
+    parser.add_argument("-c", "--config", type=Path_fr, required=True, help="The run's config.yaml: its data section is used.")
+    parser.add_subclass_arguments(ImageClassificationDataModule, "data", required=False)
+    parser.add_argument("--ckpt_path", type=str, required=True, help="A checkpoint written by fit.")
     parser.add_argument(
-        "--output", default=None, help="The .onnx file to write (default: the checkpoint's path with .onnx)."
+        "--output", type=str | None, default=None, help="The .onnx file to write (default: the checkpoint's path with .onnx)."
     )
     return parser
 
 
-def datamodule_from_config(config_path: Path) -> ImageClassificationDataModule:
-    """The DataModule of a fit config's `data` section (no data are read)."""
-    from jsonargparse import ArgumentParser
-
-    try:
-        config = yaml.safe_load(config_path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ExportError(f"cannot read config ({config_path}): {error}; give the run's config.yaml", USAGE_ERROR) from error
-    data = config.get("data") if isinstance(config, dict) else None
-    if not isinstance(data, dict):
-        raise ExportError(
-            f"config has no data section ({config_path}): give the run's config.yaml, which fit wrote into "
-            "its lightning_logs/version_N folder",
-            USAGE_ERROR,
-        )
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(ImageClassificationDataModule, "data")
-    try:
-        return parser.instantiate_classes(parser.parse_object({"data": data})).data
-    except Exception as error:  # jsonargparse's and the DataModule's own checks
-        raise ExportError(f"bad data section in config ({config_path}): {error}", USAGE_ERROR) from error
-
-
-def load_checkpoint(path: Path) -> tuple[ImageClassifier, dict]:
-    """(the model in eval mode on the CPU, the checkpoint's dict), read with weights_only=True."""
-    from lightning_hw.ensemble import load_member
-
-    if not path.is_file():
-        raise ExportError(f"checkpoint not found ({path}): give a checkpoint written by fit, e.g. RUN/checkpoints/last.ckpt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        return load_member(path, torch.device("cpu")), checkpoint
-    except Exception as error:  # truncated, not a checkpoint, not from fit, an unknown model class
-        raise ExportError(
-            f"cannot load checkpoint ({path}): {error}; give a checkpoint written by fit, with the run's config.yaml"
-        ) from error
-
-
 def deployed_classifier(
-    model: ImageClassifier, datamodule: ImageClassificationDataModule, checkpoint: dict, names: tuple[Path, Path]
+    model: ImageClassifier, datamodule: ImageClassificationDataModule, checkpoint: dict, checkpoint_path: Path
 ) -> DeployedClassifier:
-    """The model behind the normalisation its checkpoint's DataModule state holds; `names` (checkpoint,
-    config) for the errors."""
-    checkpoint_path, config_path = names
-    trained_for = (model.num_classes, tuple(model.input_shape))
-    described = (datamodule.num_classes, tuple(datamodule.input_shape))
-    if trained_for != described or list(model.class_names) != list(datamodule.class_names):
-        raise ExportError(
-            f"checkpoint and config describe different models ({checkpoint_path}: {trained_for[0]} classes "
-            f"({', '.join(model.class_names)}) of shape {trained_for[1]}; {config_path}: {described[0]} classes "
-            f"({', '.join(datamodule.class_names)}) of shape {described[1]}): give the run's own config.yaml"
+    """The model behind the normalisation its checkpoint (`checkpoint`, read from `checkpoint_path`) holds in
+    its DataModule state; a CommandError where checkpoint and config do not fit together."""
+    trained_for = (model.num_classes, tuple(model.input_shape), list(model.class_names))
+    described = (datamodule.num_classes, tuple(datamodule.input_shape), list(datamodule.class_names))
+    if trained_for != described:
+        raise CommandError(
+            f"the checkpoint's {type(model).__name__} was trained on {trained_for[0]} classes "
+            f"({', '.join(trained_for[2])}) of shape {trained_for[1]}, the config's data "
+            f"({type(datamodule).__name__}) have {described[0]} ({', '.join(described[2])}) of shape {described[1]}",
+            checkpoint_path,
+            f"pass the config of the run that wrote it, {run_config_hint(checkpoint_path)}",
         )
     try:
         datamodule.load_state_dict(checkpoint.get(type(datamodule).__qualname__, {}))
-        normalization = datamodule.image_file_normalization()
-    except (ValueError, RuntimeError) as error:
-        raise ExportError(f"checkpoint and config do not fit together ({checkpoint_path}, {config_path}): {error}") from error
-    return DeployedClassifier(normalization, model).eval()
+    except ValueError as error:  # statistics of another normalisation or image shape
+        raise CommandError("the checkpoint's data statistics do not fit the config", checkpoint_path, str(error)) from error
+    return DeployedClassifier(datamodule.image_file_normalization(), model).eval()
 
 
 def metadata(model: ImageClassifier, datamodule: ImageClassificationDataModule, checkpoint_path: Path) -> dict[str, str]:
@@ -203,15 +159,10 @@ def check_exported(model_proto, deployed: DeployedClassifier, image_shape: Seque
     try:
         onnx.checker.check_model(model_proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(
-            f"the exported graph fails onnx.checker ({error}): the file was not written; please report this"
-        ) from error
+        raise RuntimeError(f"the exported graph fails onnx.checker ({error}); the file was not written") from error
     foreign = onnx_ops.nonstandard_operators(model_proto)
     if foreign:
-        raise ExportError(
-            f"the exported graph holds non-standard operators ({', '.join(foreign)}): the file was not written; "
-            "please report this"
-        )
+        raise RuntimeError(f"the exported graph holds non-standard operators ({', '.join(foreign)}); the file was not written")
     session = onnxruntime.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     largest = 0.0
     for batch in (1, 3):
@@ -221,9 +172,9 @@ def check_exported(model_proto, deployed: DeployedClassifier, image_shape: Seque
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})
         largest = max(largest, float(abs(got - expected).max()))
     if not largest <= CHECK_TOLERANCE:
-        raise ExportError(
-            f"ONNX Runtime's probabilities differ from PyTorch's by {largest:.3g} (more than {CHECK_TOLERANCE:g}): "
-            "the file was not written; please report this"
+        raise RuntimeError(
+            f"ONNX Runtime's probabilities differ from PyTorch's by {largest:.3g} (more than {CHECK_TOLERANCE:g}); "
+            "the file was not written"
         )
     return largest
 
@@ -238,7 +189,7 @@ def write_file(model_proto, output: Path) -> int:
         os.replace(temporary, output)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise ExportError(f"cannot write the ONNX file ({output}): {error}; give a writable --output path") from error
+        raise CommandError(f"cannot write the ONNX file ({error.strerror or error})", output, "give a writable --output path") from error
     return output.stat().st_size
 
 
@@ -249,23 +200,21 @@ def human_size(size: int) -> str:
     return f"{size} bytes"
 
 
-def export(config_path: Path, checkpoint_path: Path, output: Path | None = None) -> Path:
-    """Export the checkpoint of a fit with its run's config as one checked ONNX file; print where and how big.
-
-    Raises ExportError (with its exit status) for everything a user can mend.
-    """
+def export(datamodule: ImageClassificationDataModule, checkpoint_path: Path, output: Path | None = None) -> Path:
+    """Export the checkpoint of a fit, with the DataModule of its run's config, as one checked ONNX file;
+    print where it went and how big it is. A user's mistake is a CommandError / UsageError."""
     from lightning_hw import onnx_ops
 
     try:
         onnx_ops.require_export_packages()
     except ImportError as error:
-        raise ExportError(str(error)) from error
+        raise CommandError(str(error)) from error
     output = output or checkpoint_path.with_suffix(".onnx")
     if output.suffix.lower() != ".onnx":
-        raise ExportError(f"--output must name a .onnx file ({output}): e.g. --output model.onnx", USAGE_ERROR)
-    datamodule = datamodule_from_config(config_path)
-    model, checkpoint = load_checkpoint(checkpoint_path)
-    deployed = deployed_classifier(model, datamodule, checkpoint, (checkpoint_path, config_path))
+        raise UsageError("--output must name a .onnx file", output, "e.g. --output model.onnx")
+    checkpoint = read_checkpoint(checkpoint_path)
+    model = load_member(checkpoint_path, torch.device("cpu"))
+    deployed = deployed_classifier(model, datamodule, checkpoint, checkpoint_path)
     image_shape = datamodule.image_file_shape
     model_proto = export_classifier(deployed, image_shape, metadata(model, datamodule, checkpoint_path))
     difference = check_exported(model_proto, deployed, image_shape)
@@ -278,18 +227,17 @@ def export(config_path: Path, checkpoint_path: Path, output: Path | None = None)
     return output
 
 
-def fail(message: str, status: int) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
-
-
 def main(args: Sequence[str]) -> Path:
     """`python -m lightning_hw export ARGS`: the path written."""
-    from lightning_hw.cli import resolve_config
-
-    options = build_parser().parse_args(list(args))
-    config_path = Path(resolve_config(options.config))
+    parser = build_parser()
     try:
-        return export(config_path, Path(options.ckpt_path), None if options.output is None else Path(options.output))
-    except ExportError as error:
-        fail(str(error), error.status)
+        options = parser.parse_args(config_data_arguments(list(args)))
+    except ArgumentError as error:
+        raise UsageError(*parse_error_parts(str(error))) from error
+    try:
+        datamodule = parser.instantiate_classes(options).data
+    except ValueError as error:  # the DataModule's own checks of the config's values
+        todo = f"{innermost_reason(str(error))}; change it in the config or the option"
+        raise UsageError("invalid data section", options.config, todo) from error
+    output = None if options.output is None else Path(options.output)
+    return export(datamodule, Path(options.ckpt_path), output)

@@ -27,20 +27,17 @@ import torch
 
 from lightning_hw import ops  # noqa: F401  (registers torch.ops.lightning_hw.*)
 
-# The packages of the `export` extra, in the order a missing one is reported, and what each does.
-EXPORT_PACKAGES = {
-    "onnx": "the ONNX format and its checker",
-    "onnxscript": "torch's ONNX exporter builds graphs with it",
-    "onnxruntime": "runs the exported file to check it",
-}
+# The packages of the `export` extra: the ONNX format and checker, the graph builder of torch's
+# exporter, and the runtime that checks an exported file.
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 def require_export_packages(*names: str) -> None:
-    """Raise an ImportError naming the first of `names` (default: all of EXPORT_PACKAGES) that is not installed."""
-    for name in names or tuple(EXPORT_PACKAGES):
+    """Raise an ImportError naming the first of `names` (default: EXPORT_PACKAGES) that is not installed."""
+    for name in names or EXPORT_PACKAGES:
         if importlib.util.find_spec(name) is None:
             raise ImportError(
-                f"ONNX export needs the package {name}, which is not installed ({EXPORT_PACKAGES[name]}): "
+                f"ONNX export needs a package that is not installed ({name}): "
                 f"pip install 'lightning_hw[export]' (or pip install {name})"
             )
 
