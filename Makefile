@@ -49,14 +49,14 @@ $(TORCH_STAMP): $(STAMPS)/venv
 	$(PIP) install '$(TORCH_SPEC)'
 	rm -f $(STAMPS)/torch-* && touch $@
 
-# Runtime, dev and transfer dependencies as pyproject.toml lists them, with the
+# Runtime, dev, transfer and export dependencies as pyproject.toml lists them, with the
 # installed torch as a constraint: pip keeps it, and resolves torchvision to the
 # release built for it (without it, pip would upgrade torch). PyPI's torchvision is a
 # CUDA build that does not load with a CPU-only torch (and then breaks
 # torchmetrics' imports): it is removed again, and TransferNet's tests skip.
 $(STAMPS)/deps: $(TORCH_STAMP) pyproject.toml
 	$(PY) -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/constraints.txt
-	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; e = p["optional-dependencies"]; print("\n".join(p["dependencies"] + e["dev"] + e["transfer"]))' > $(VENV)/requirements.txt
+	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; e = p["optional-dependencies"]; print("\n".join(p["dependencies"] + e["dev"] + e["transfer"] + e["export"]))' > $(VENV)/requirements.txt
 	$(PIP) install -r $(VENV)/requirements.txt -c $(VENV)/constraints.txt
 	$(PY) -c 'import torchvision' 2>/dev/null || { echo "torchvision does not load with this torch: removed (TransferNet needs it)"; $(PIP) uninstall -y torchvision; }
 	touch $@

@@ -9,6 +9,8 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -43,6 +45,16 @@ struct Conv2dShape {
   int64_t out_channels_per_group() const { return out_channels / groups; }
 };
 
+
+// Padding (before, after) of one spatial dimension: `padding` on both sides, or with pad_same
+// torch's 'same' padding: the dilated kernel's reach (`span`: (kernel - 1) * dilation) split in
+// two, the odd pixel after (bottom/right). conv2d_geometry and conv2d_padding both use it.
+inline std::pair<c10::SymInt, c10::SymInt> side_padding(
+    const c10::SymInt& span, int64_t padding, bool pad_same) {
+  if (!pad_same) return {padding, padding};
+  c10::SymInt before = span / 2;
+  return {before, span - before};
+}
 
 // Validates the arguments exactly as torch.nn.functional.conv2d does and
 // computes the output size. `padding` is (pad_h, pad_w); with pad_same the
@@ -130,15 +142,8 @@ inline Conv2dGeometry conv2d_geometry(
   // Rows and columns the dilated kernel reaches past its first tap.
   const c10::SymInt span_h = checked.multiply(g.kernel_h - 1, g.dilation_h);
   const c10::SymInt span_w = checked.multiply(g.kernel_w - 1, g.dilation_w);
-  if (pad_same) {
-    g.pad_top = span_h / 2;
-    g.pad_bottom = span_h - g.pad_top;
-    g.pad_left = span_w / 2;
-    g.pad_right = span_w - g.pad_left;
-  } else {
-    g.pad_top = g.pad_bottom = padding[0];
-    g.pad_left = g.pad_right = padding[1];
-  }
+  std::tie(g.pad_top, g.pad_bottom) = side_padding(span_h, padding[0], pad_same);
+  std::tie(g.pad_left, g.pad_right) = side_padding(span_w, padding[1], pad_same);
   const c10::SymInt padded_h = checked.add(checked.add(g.in_h, g.pad_top), g.pad_bottom);
   const c10::SymInt padded_w = checked.add(checked.add(g.in_w, g.pad_left), g.pad_right);
   const c10::SymInt extent_h = checked.add(span_h, 1);
@@ -156,6 +161,31 @@ inline Conv2dGeometry conv2d_geometry(
   g.out_h = (padded_h - extent_h) / g.stride_h + 1;
   g.out_w = (padded_w - extent_w) / g.stride_w + 1;
   return g;
+}
+
+// The zero padding conv2d applies, (top, bottom, left, right), from the kernel's size, the
+// dilation and the padding argument alone (it does not depend on the input): what the op's
+// ONNX translation writes as Conv's pads (lightning_hw/onnx_ops.py, via conv2d_padding).
+inline std::vector<int64_t> conv2d_padding(
+    c10::IntArrayRef kernel_size, c10::IntArrayRef padding, c10::IntArrayRef dilation, bool pad_same) {
+  TORCH_CHECK(
+      kernel_size.size() == 2 && kernel_size[0] > 0 && kernel_size[1] > 0,
+      "conv2d_padding: kernel_size must be 2 positive sizes, got ", kernel_size);
+  TORCH_CHECK(
+      padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+      "conv2d_padding: padding must be 2 non-negative sizes, got ", padding);
+  TORCH_CHECK(
+      dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
+      "conv2d_padding: dilation must be 2 positive sizes, got ", dilation);
+  detail::CheckedSizes checked;
+  const c10::SymInt span_h = checked.multiply(kernel_size[0] - 1, dilation[0]);
+  const c10::SymInt span_w = checked.multiply(kernel_size[1] - 1, dilation[1]);
+  TORCH_CHECK(
+      !checked.overflow, "conv2d_padding: the dilated kernel size overflows int64, given kernel_size=",
+      kernel_size, " and dilation=", dilation);
+  const auto [top, bottom] = side_padding(span_h, padding[0], pad_same);
+  const auto [left, right] = side_padding(span_w, padding[1], pad_same);
+  return {top.expect_int(), bottom.expect_int(), left.expect_int(), right.expect_int()};
 }
 
 inline Conv2dShape concrete_shape(const Conv2dGeometry& g) {

@@ -70,6 +70,10 @@ TORCH_LIBRARY(lightning_hw, m) {
       "conv2d_output_size(SymInt[] input_size, SymInt[] weight_size, SymInt[]? bias_size, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool pad_same) -> SymInt[]",
       &lightning_hw::conv2d_output_size_op);
+  // The padding conv2d applies, (top, bottom, left, right): for the ONNX translation.
+  m.def(
+      "conv2d_padding(int[2] kernel_size, int[2] padding, int[2] dilation, bool pad_same) -> int[]",
+      &lightning_hw::conv2d_padding);
 
   m.def("linear_relu(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   // `output` is the forward result: its sign is the ReLU mask.

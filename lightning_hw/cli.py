@@ -81,7 +81,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Subcommands outside LightningCLI: name -> module whose main(args) runs it.
-OTHER_SUBCOMMANDS = {"sweep": "lightning_hw.sweep", "ensemble": "lightning_hw.ensemble"}
+OTHER_SUBCOMMANDS = {"sweep": "lightning_hw.sweep", "ensemble": "lightning_hw.ensemble", "export": "lightning_hw.export"}
 SUBCOMMAND_SUMMARIES = {
     "fit": "train a model, then test its best checkpoint (no --config: the digits CNN, offline)",
     "validate": "validation accuracy of a trained model (--ckpt_path CKPT)",
@@ -90,6 +90,7 @@ SUBCOMMAND_SUMMARIES = {
     "(--ckpt_path CKPT)",
     "sweep": "hyper-parameter search (Optuna grid or TPE) over a fit config",
     "ensemble": "accuracy of several checkpoints and of their ensemble (--checkpoints A B ...)",
+    "export": "a checkpoint as one ONNX file for deployment: images in [0, 1] in, class probabilities out",
 }
 LOG_NAME = "lightning_logs"
 PROGRAM = "python -m lightning_hw"

@@ -190,9 +190,9 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _config_data(args: list[str]) -> list[str]:
+def config_data_arguments(args: list[str]) -> list[str]:
     """Put the data section of `--config FILE` in front, as a `--data` option; without
-    --config and --data options, that of configs/default.yaml."""
+    --config and --data options, that of configs/default.yaml. (`export` reads its config so too.)"""
     config = None
     for index in range(len(args)):
         option = config_option_value(args, index)
@@ -214,7 +214,7 @@ def main(args: Sequence[str]) -> EnsembleResult:
     """`python -m lightning_hw ensemble ARGS`."""
     parser = build_parser()
     try:
-        config = parser.parse_args(_config_data(list(args)))
+        config = parser.parse_args(config_data_arguments(list(args)))
     except ArgumentError as error:
         raise UsageError(*parse_error_parts(str(error))) from error
     datamodule = parser.instantiate_classes(config).data

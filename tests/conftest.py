@@ -1,5 +1,6 @@
 """Hypothesis profiles of the property tests (tests/test_fuzz_ops.py), and the
-count of the cases they ran, printed at the end of the session.
+count of the cases they ran, printed at the end of the session; and a short fit
+shared by the tests of predict and export (`cifar_run`).
 
 `ci` (the default) keeps the whole suite fast; `fuzz` runs many more
 examples: HYPOTHESIS_PROFILE=fuzz python -m pytest tests/test_fuzz_ops.py.
@@ -10,6 +11,7 @@ a failure prints the blob that replays it (@reproduce_failure).
 import collections
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -34,6 +36,23 @@ os.environ.setdefault("LIGHTNING_HW_AUTOTUNE", "0")
 os.environ.pop("LIGHTNING_HW_ROUTE", None)
 
 _fuzz_cases = collections.Counter()
+
+
+@pytest.fixture(scope="session")
+def cifar_run(tmp_path_factory):
+    """A short fit of the CIFAR two-layer config (RGB, mean image subtracted, flattened) on generated data:
+    (run folder, best checkpoint, data folder)."""
+    from fakes import printed_by, write_cifar10
+
+    root = tmp_path_factory.mktemp("cifar_run")
+    data_dir = write_cifar10(root / "data").parent
+    output = printed_by(["fit", "--config", "cifar10_twolayer", f"--data.data_dir={data_dir}", "--data.val_size=10",
+                         "--data.batch_size=20", "--model.init_args.hidden_size=16", "--model.init_args.init_std=null",
+                         "--model.init_args.optimizer.init_args.lr=0.01",  # the config's 0.8 kills every ReLU here
+                         "--trainer.max_steps=6", f"--trainer.default_root_dir={root / 'runs'}",
+                         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])  # fmt: skip
+    summary = dict(part.split(": ", 1) for part in output.strip().splitlines()[-1].split(" | "))
+    return Path(summary["logs"]), Path(summary["checkpoint"]), data_dir
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Writers of small fake data sets in the real on-disk formats, for tests (and a
-helper that reads a DataModule's loader back).
+"""Writers of small fake data sets in the real on-disk formats, for tests (and
+helpers that read a DataModule's loader back and run the command line).
 
 Images are class-dependent (a per-class template plus noise), so models can
 learn them. Every writer is deterministic for a given seed and returns the
@@ -8,8 +8,10 @@ folder (or file) that the matching DataModule reads via `data_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import pickle
 import tarfile
 import time
@@ -314,3 +316,47 @@ class InterruptAtTrainBatch(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch_index:
             raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------
+# A folder of photos to classify (predict --data.predict_dir, exported models)
+
+
+def write_photo_folder(folder: Path, rng: np.random.Generator) -> dict[str, Image.Image]:
+    """Images in several formats, modes and sizes (some in a subfolder), plus files that are not images
+    or cannot be read. Returns the readable ones by relative path, as Pillow images."""
+    (folder / "holiday" / "day 2").mkdir(parents=True)
+
+    def pixels(height, width, channels):
+        return rng.integers(0, 256, (height, width, channels), dtype=np.uint8).squeeze(-1 if channels == 1 else None)
+
+    images = {
+        "cat.png": Image.fromarray(pixels(32, 32, 3), "RGB"),
+        "holiday/photo.jpg": Image.fromarray(pixels(40, 48, 3), "RGB"),
+        "holiday/day 2/scan.bmp": Image.fromarray(pixels(40, 24, 1), "L"),
+        "logo.png": Image.fromarray(pixels(20, 20, 4), "RGBA"),
+        "small.gif": Image.fromarray(pixels(16, 16, 3), "RGB").convert("P"),
+        "gray16.png": Image.fromarray((rng.integers(0, 65536, (33, 31)) // 1).astype(np.uint16)),
+    }
+    for name, image in images.items():
+        image.save(folder / name)
+    with Image.open(folder / "holiday/photo.jpg") as decoded:  # JPEG is lossy: what the file holds
+        images["holiday/photo.jpg"] = decoded.copy()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))  # signature, then garbage
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels(64, 64, 3), "RGB").save(jpeg, "JPEG")
+    (folder / "holiday" / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
+    os.mkfifo(folder / "pipe.png")  # reading it would block forever
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"hidden files are left out")
+    return images
+
+
+def printed_by(args: list[str]) -> str:
+    """What `python -m lightning_hw ARGS` prints, run in this process."""
+    from lightning_hw.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(args)
+    return printed.getvalue()

@@ -1,10 +1,12 @@
 """A normal install works away from the checkout: the sdist carries the sources and
 configs and builds a wheel; the wheel, installed into a folder of its own, runs
-`--help`, `fit` with the packaged default config and a shipped config named without
-a path, from another directory. (C++ kernels only, to keep the build short.)"""
+`--help`, `fit` with the packaged default config (and `export` of its checkpoint, where the
+export extra is installed) and a shipped config named without a path, from another directory.
+(C++ kernels only, to keep the build short.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -68,13 +70,19 @@ def test_installed_wheel_runs_from_another_directory(packages, tmp_path):
     assert Path(where.strip()).is_relative_to(target)  # the installed copy, not the checkout
 
     help_text = run([sys.executable, str(target / "bin" / "lightning-hw"), "--help"], elsewhere, env)
-    for subcommand in ("fit", "validate", "test", "predict", "sweep", "ensemble"):
+    for subcommand in ("fit", "validate", "test", "predict", "sweep", "ensemble", "export"):
         assert f"  {subcommand} " in help_text
 
     output = run([sys.executable, "-m", "lightning_hw", "fit", "--trainer.max_epochs=2",
                   "--trainer.limit_train_batches=5", "--trainer.enable_progress_bar=false",
                   f"--trainer.default_root_dir={elsewhere / 'runs'}"], elsewhere, env)  # fmt: skip
     assert "test accuracy: " in output and str(elsewhere / "runs") in output
+
+    if importlib.util.find_spec("onnxscript") and importlib.util.find_spec("onnxruntime"):  # the export extra
+        summary = dict(part.split(": ", 1) for part in output.strip().splitlines()[-1].split(" | "))
+        exported = run([sys.executable, "-m", "lightning_hw", "export", "--config", f"{summary['logs']}/config.yaml",
+                        "--ckpt_path", summary["checkpoint"], "--output", "digits.onnx"], elsewhere, env)  # fmt: skip
+        assert "onnx: digits.onnx (" in exported and (elsewhere / "digits.onnx").is_file()
 
     printed = run([sys.executable, "-m", "lightning_hw", "fit", "--config", "cifar10_twolayer", "--print_config"],
                   elsewhere, env)  # fmt: skip

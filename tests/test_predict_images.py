@@ -5,10 +5,7 @@ skipped with a warning and listed; and the image reading itself, mode by mode.""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
-import os
 import shutil
 from pathlib import Path
 
@@ -17,64 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fakes import write_cifar10
+from fakes import printed_by, write_photo_folder
 from lightning_hw.cli import main
 from lightning_hw.data import CIFAR10DataModule
-from lightning_hw.data.base import DataFormatError, DataNotFoundError, load_image, read_image_folder
+from lightning_hw.data.errors import DataFormatError, DataNotFoundError
+from lightning_hw.data.images import load_image, read_image_folder
 from lightning_hw.models import TwoLayerNet
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 CLASS_NAMES = list(CIFAR10DataModule().class_names)
-
-
-def run(args: list[str]) -> str:
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        main(args)
-    return printed.getvalue()
-
-
-@pytest.fixture(scope="module")
-def cifar_run(tmp_path_factory):
-    """A short fit of the CIFAR two-layer config (RGB, flattened, mean image subtracted) on generated data:
-    (run folder, best checkpoint, data folder)."""
-    root = tmp_path_factory.mktemp("cifar_run")
-    data_dir = write_cifar10(root / "data").parent
-    output = run(["fit", "--config", "cifar10_twolayer", f"--data.data_dir={data_dir}", "--data.val_size=10",
-                  "--data.batch_size=20", "--model.init_args.hidden_size=16", "--model.init_args.init_std=null",
-                  "--trainer.max_steps=6", f"--trainer.default_root_dir={root / 'runs'}", *QUIET])  # fmt: skip
-    summary = dict(part.split(": ", 1) for part in output.strip().splitlines()[-1].split(" | "))
-    return Path(summary["logs"]), Path(summary["checkpoint"]), data_dir
-
-
-def write_photo_folder(folder: Path, rng: np.random.Generator) -> dict[str, Image.Image]:
-    """Images in several formats, modes and sizes (some in a subfolder), plus files that are not images
-    or cannot be read. Returns the readable ones by relative path, as Pillow images."""
-    (folder / "holiday" / "day 2").mkdir(parents=True)
-
-    def pixels(height, width, channels):
-        return rng.integers(0, 256, (height, width, channels), dtype=np.uint8).squeeze(-1 if channels == 1 else None)
-
-    images = {
-        "cat.png": Image.fromarray(pixels(32, 32, 3), "RGB"),
-        "holiday/photo.jpg": Image.fromarray(pixels(40, 48, 3), "RGB"),
-        "holiday/day 2/scan.bmp": Image.fromarray(pixels(40, 24, 1), "L"),
-        "logo.png": Image.fromarray(pixels(20, 20, 4), "RGBA"),
-        "small.gif": Image.fromarray(pixels(16, 16, 3), "RGB").convert("P"),
-        "gray16.png": Image.fromarray((rng.integers(0, 65536, (33, 31)) // 1).astype(np.uint16)),
-    }
-    for name, image in images.items():
-        image.save(folder / name)
-    with Image.open(folder / "holiday/photo.jpg") as decoded:  # JPEG is lossy: what the file holds
-        images["holiday/photo.jpg"] = decoded.copy()
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))  # signature, then garbage
-    jpeg = io.BytesIO()
-    Image.fromarray(pixels(64, 64, 3), "RGB").save(jpeg, "JPEG")
-    (folder / "holiday" / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
-    os.mkfifo(folder / "pipe.png")  # reading it would block forever
-    (folder / "notes.txt").write_text("not an image")
-    (folder / ".hidden.png").write_bytes(b"hidden files are left out")
-    return images
 
 
 def model_input(image: Image.Image, mean: torch.Tensor) -> torch.Tensor:
@@ -100,7 +48,7 @@ def test_predict_dir_classifies_every_image_as_trained(cifar_run, tmp_path):
     shutil.move(data_dir, moved)
     try:
         with pytest.warns(UserWarning, match="skipped") as warned:
-            output = run(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={checkpoint}",
+            output = printed_by(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={checkpoint}",
                           f"--data.predict_dir={folder}", f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET])  # fmt: skip
     finally:
         shutil.move(moved, data_dir)
@@ -141,15 +89,15 @@ def test_predict_dir_errors(cifar_run, tmp_path):
     args = ["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={checkpoint}",
             f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET, "--debug"]  # fmt: skip
     with pytest.raises(DataNotFoundError, match="is not a folder"):
-        run([*args, f"--data.predict_dir={tmp_path / 'missing'}"])
+        printed_by([*args, f"--data.predict_dir={tmp_path / 'missing'}"])
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(DataNotFoundError, match="holds no image files"):
-        run([*args, f"--data.predict_dir={tmp_path / 'empty'}"])
+        printed_by([*args, f"--data.predict_dir={tmp_path / 'empty'}"])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jpg").write_bytes(b"not a jpeg")
     with pytest.warns(UserWarning, match="a.jpg"), pytest.raises(DataFormatError, match="none of the 1 image files"):
-        run([*args, f"--data.predict_dir={tmp_path / 'bad'}"])
+        printed_by([*args, f"--data.predict_dir={tmp_path / 'bad'}"])
 
 
 def test_predict_dir_needs_the_statistics_of_a_checkpoint(cifar_run, tmp_path, capsys):
@@ -160,7 +108,7 @@ def test_predict_dir_needs_the_statistics_of_a_checkpoint(cifar_run, tmp_path, c
     del stripped["CIFAR10DataModule"]  # as a checkpoint written before DataModules kept their state
     torch.save(stripped, tmp_path / "old.ckpt")
     with pytest.raises(SystemExit) as exit_info:
-        run(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={tmp_path / 'old.ckpt'}",
+        printed_by(["predict", "--config", str(run_dir / "config.yaml"), f"--ckpt_path={tmp_path / 'old.ckpt'}",
              f"--data.predict_dir={tmp_path / 'photos'}", f"--trainer.default_root_dir={tmp_path / 'out'}", *QUIET])  # fmt: skip
     assert exit_info.value.code == 1
     assert "needs the train split's statistics, and the checkpoint carries none" in capsys.readouterr().err

@@ -1,8 +1,14 @@
-"""LightningDataModules for the course data sets: CIFAR-10, FER2013, Fruits-360 and the bundled digits."""
+"""LightningDataModules for the course data sets: CIFAR-10, FER2013, Fruits-360 and the bundled digits.
 
-from lightning_hw.data.base import DataFormatError, DataNotFoundError, ImageClassificationDataModule
+One module per data set, and shared modules by concern: `errors`, `images` (reading image
+files), `preprocessing` (scaling and normalisation), `splits` (splits and samplers),
+`augmentation`, and `base` (the base DataModule).
+"""
+
+from lightning_hw.data.base import ImageClassificationDataModule
 from lightning_hw.data.cifar10 import CIFAR10DataModule
 from lightning_hw.data.digits import DigitsDataModule
+from lightning_hw.data.errors import DataFormatError, DataNotFoundError
 from lightning_hw.data.fer2013 import FER2013DataModule
 from lightning_hw.data.fruits import FruitsDataModule
 

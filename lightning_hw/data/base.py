@@ -1,259 +1,30 @@
-"""Shared pieces of the DataModules: in-memory image datasets, seeded splits,
-batch preprocessing (scaling, tensor augmentation, normalisation) and the
-common DataModule base class with its dataloaders and class-count reports."""
+"""The base of the image-classification DataModules: splits held in memory as uint8 tensors
+(`InMemoryImageDataset`, preprocessed a batch at a time) and `ImageClassificationDataModule`
+with its statistics, dataloaders, prediction folders and class-count reports.
+
+The pieces it builds on have modules of their own: errors (`errors`), image files
+(`images`), normalisation (`preprocessing`), splits and samplers (`splits`) and
+augmentation (`augmentation`)."""
 
 from __future__ import annotations
 
-import math
-import os
-import re
-import stat
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from lightning_hw.data.augmentation import TensorAugment
+from lightning_hw.data.images import PIXEL_SCALE_8BIT, read_image_folder
+from lightning_hw.data.preprocessing import (
+    NORMALIZE_MODES,
+    BatchPreprocessor,
+    Normalization,
+    normalization_shape,
+    normalization_stats,
+)
+from lightning_hw.data.splits import EpochSeededSampler, seeded_split
 from lightning_hw.errors import CommandError
-
-NORMALIZE_MODES = ("none", "mean_image", "per_channel")
-# The image files read from folders (training splits and prediction).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-class DataFormatError(ValueError):
-    """A data file exists but its content is not what the data set format promises."""
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A data file or folder is missing; the message says where to get it and where to put it."""
-
-
-# ---------------------------------------------------------------------------
-# Splits
-
-
-def resolve_split_size(size: int | float, total: int, name: str) -> int:
-    """Turn a count (int) or a fraction in [0, 1) (float) into a number of samples."""
-    if isinstance(size, bool):
-        raise ValueError(f"{name} must be a count or a fraction, got {size!r}")
-    if isinstance(size, float):
-        if not 0.0 <= size < 1.0:
-            raise ValueError(f"{name} as a fraction must lie in [0, 1), got {size}")
-        count = int(round(size * total))
-    else:
-        count = int(size)
-    if not 0 <= count < total:
-        raise ValueError(f"{name}={size!r} leaves no training samples out of {total}")
-    return count
-
-
-def seeded_split(total: int, sizes: Sequence[int | float], seed: int) -> list[torch.Tensor]:
-    """Split range(total) at random (seeded) into [rest, part_1, part_2, ...].
-
-    `sizes` gives the size of each part after the first (counts or fractions of
-    `total`). Each returned index tensor is sorted, so the order of samples in a
-    split follows the order of the source files.
-    """
-    counts = [resolve_split_size(size, total, "split size") for size in sizes]
-    if sum(counts) >= total:
-        raise ValueError(f"split sizes {list(sizes)} leave no training samples out of {total}")
-    generator = torch.Generator().manual_seed(seed)
-    permutation = torch.randperm(total, generator=generator)
-    parts = []
-    start = total - sum(counts)
-    parts.append(permutation[:start].sort().values)
-    for count in counts:
-        parts.append(permutation[start : start + count].sort().values)
-        start += count
-    return parts
-
-
-class EpochSeededSampler(DistributedSampler):
-    """A fresh random order of the samples each epoch, drawn from (seed, epoch) alone, and this
-    process's share of it.
-
-    Without `weights` each epoch's order is a permutation of range(size); with
-    `weights` (one per sample) `size` indices are drawn with replacement in
-    proportion to them. Lightning calls `set_epoch` before every training epoch,
-    also after resuming from a checkpoint, so epoch k sees the same order whether
-    or not the run was interrupted (a generator carried across epochs would
-    restart at epoch 0's order). Without `set_epoch` calls (a plain loop over the
-    DataLoader) each pass moves on to the next epoch.
-
-    With `num_replicas` processes, process `rank` takes every num_replicas-th
-    sample of the order (padded by repeating its start, as DistributedSampler
-    does), so the processes' batches together are the batches of one process
-    with num_replicas times the batch size. Being a DistributedSampler, Lightning
-    keeps it instead of wrapping it in its own, which would shuffle again.
-    """
-
-    def __init__(
-        self, size: int, seed: int, weights: torch.Tensor | None = None, num_replicas: int = 1, rank: int = 0
-    ) -> None:
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
-        if weights is not None and weights.shape != (size,):
-            raise ValueError(f"weights must have shape ({size},), got {tuple(weights.shape)}")
-        self.size = size
-        self.weights = weights
-
-    def __iter__(self):
-        # SeedSequence mixes (seed, epoch) so that no two pairs share a stream (seed + epoch would).
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state))
-        if self.weights is None:
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
-        order += order[: self.total_size - len(order)]
-        self.epoch += 1
-        return iter(order[self.rank : self.total_size : self.num_replicas])
-
-
-# ---------------------------------------------------------------------------
-# Batch preprocessing
-
-
-class TensorAugment:
-    """Random augmentation of a float batch (N, C, H, W) with torch ops.
-
-    Steps (each only when enabled): random crop after zero padding by
-    `crop_padding` pixels, horizontal flip with probability 1/2, and a random
-    affine warp combining a rotation in [-max_rotation_deg, max_rotation_deg]
-    with a zoom factor drawn from `zoom_range`. Randomness comes from torch's
-    global generator (seeded by Lightning's seed_everything and per worker).
-    """
-
-    def __init__(
-        self,
-        crop_padding: int = 0,
-        horizontal_flip: bool = False,
-        max_rotation_deg: float = 0.0,
-        zoom_range: tuple[float, float] = (1.0, 1.0),
-    ) -> None:
-        self.crop_padding = int(crop_padding)
-        self.horizontal_flip = bool(horizontal_flip)
-        self.max_rotation_deg = float(max_rotation_deg)
-        self.zoom_range = (float(zoom_range[0]), float(zoom_range[1]))
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.crop_padding > 0:
-            images = random_crop_with_padding(images, self.crop_padding)
-        if self.horizontal_flip:
-            images = random_horizontal_flip(images)
-        if self.max_rotation_deg > 0 or self.zoom_range != (1.0, 1.0):
-            images = random_rotate_zoom(images, self.max_rotation_deg, self.zoom_range)
-        return images
-
-
-def random_crop_with_padding(images: torch.Tensor, padding: int, mode: str = "constant") -> torch.Tensor:
-    """Pad each image (zeros; or F.pad's `mode`, e.g. "replicate": its own edge pixels) and cut a
-    random window of the original size, i.e. shift it by up to `padding` pixels each way."""
-    n, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding), mode=mode)
-    top = torch.randint(0, 2 * padding + 1, (n,))
-    left = torch.randint(0, 2 * padding + 1, (n,))
-    rows = (top[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (left[:, None] + torch.arange(w))[:, None, None, :]
-    batch_index = torch.arange(n)[:, None, None, None]
-    channel_index = torch.arange(c)[None, :, None, None]
-    return padded[batch_index, channel_index, rows, cols]
-
-
-def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(images.shape[0]) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
-def random_rotate_zoom(
-    images: torch.Tensor, max_rotation_deg: float, zoom_range: tuple[float, float]
-) -> torch.Tensor:
-    """Rotate and zoom each image about its centre by a random amount (bilinear, border padding)."""
-    n = images.shape[0]
-    angle = (torch.rand(n) * 2 - 1) * math.radians(max_rotation_deg)
-    zoom = zoom_range[0] + torch.rand(n) * (zoom_range[1] - zoom_range[0])
-    # affine_grid maps output coordinates to input ones, so zooming in by z samples a 1/z region.
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    zeros = torch.zeros(n)
-    theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-class BatchPreprocessor:
-    """Turn stored uint8 images into model input: scale to [0, 1], augment, normalise, flatten.
-
-    `mean`/`std` broadcast against one image (C, H, W); `std` may be None (mean
-    subtraction only).
-    """
-
-    def __init__(
-        self,
-        pixel_scale: float,
-        mean: torch.Tensor | None = None,
-        std: torch.Tensor | None = None,
-        flatten: bool = False,
-    ) -> None:
-        self.pixel_scale = pixel_scale
-        self.mean = mean
-        self.std = std
-        self.flatten = flatten
-
-    def __call__(self, images: torch.Tensor, augment: TensorAugment | None) -> torch.Tensor:
-        x = images.to(torch.float32) * self.pixel_scale
-        if augment is not None:
-            x = augment(x)
-        if self.mean is not None:
-            x = x - self.mean
-        if self.std is not None:
-            x = x / self.std
-        if self.flatten:
-            x = x.reshape(x.shape[0], -1)
-        return x.contiguous()
-
-
-def normalization_shape(mode: str, input_shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape of the mean (and std) that `normalization_stats` gives for images of `input_shape` (C, H, W)."""
-    return tuple(input_shape) if mode == "mean_image" else (input_shape[0], 1, 1)
-
-
-def normalization_stats(
-    images: torch.Tensor, pixel_scale: float, mode: str
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Mean (and std) of the scaled images of a split, for the given normalisation mode.
-
-    "mean_image": the mean image (C, H, W), no std. "per_channel": mean and std
-    per channel, shaped (C, 1, 1). Accumulates in float64 chunks so CIFAR-size
-    splits need no full float copy.
-    """
-    if mode not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
-    if mode == "none":
-        return None, None
-    n, c = images.shape[:2]
-    total = torch.zeros(images.shape[1:], dtype=torch.float64)
-    total_sq = torch.zeros(images.shape[1:], dtype=torch.float64)
-    for start in range(0, n, 4096):
-        chunk = images[start : start + 4096].to(torch.float64) * pixel_scale
-        total += chunk.sum(0)
-        total_sq += (chunk * chunk).sum(0)
-    if mode == "mean_image":
-        return (total / n).to(torch.float32), None
-    pixels_per_channel = n * images.shape[2] * images.shape[3]
-    mean = total.reshape(c, -1).sum(1) / pixels_per_channel
-    var = total_sq.reshape(c, -1).sum(1) / pixels_per_channel - mean * mean
-    std = var.clamp_min(1e-12).sqrt()
-    return mean.to(torch.float32).reshape(c, 1, 1), std.to(torch.float32).reshape(c, 1, 1)
-
-
-# ---------------------------------------------------------------------------
-# Dataset
 
 
 class InMemoryImageDataset(Dataset):
@@ -291,175 +62,6 @@ class InMemoryImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.__getitems__([index])[0]
 
-
-# ---------------------------------------------------------------------------
-# Image folders
-
-
-def load_image(path: Path, size: tuple[int, int], channels: int = 1) -> np.ndarray:
-    """Read an image file as uint8 (channels, H, W), resized to `size` (height, width) if needed.
-
-    One channel is gray, three are RGB. Any mode Pillow reads is converted:
-    palette, 16-bit gray (scaled to 8 bits), CMYK; an alpha channel is
-    composited onto white. A JPEG's EXIF orientation is applied and an
-    animated image gives its first frame. Whatever stops the file from
-    decoding is a DataFormatError that names it.
-    """
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels}")
-    mode = "L" if channels == 1 else "RGB"
-    height, width = size
-    try:
-        with Image.open(path) as opened:
-            # A JPEG decodes at a reduced scale that still covers the target size (either orientation).
-            opened.draft(mode, (max(size), max(size)))
-            image = ImageOps.exif_transpose(opened)
-            image = _to_mode(image, mode)
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except Exception as error:  # any decoder failure means the same: this file cannot be used
-        raise DataFormatError(f"cannot read image {path}: {error}. Replace or delete the file.") from error
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
-
-
-def _to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """`image` in mode L or RGB: integer gray (read as 16-bit, PNG's deep gray) and float gray (read as
-    0..255) brought to 8 bits, alpha composited onto white."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 255.0 if image.mode == "F" else 65535.0
-        image = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image if image.mode == mode else image.convert(mode)
-
-
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-
-
-def unpack_hint(data_dir: Path) -> str:
-    """A sentence naming the archives lying in `data_dir` (data sets that read folders do not
-    open archives), or "" when there are none."""
-    if not data_dir.is_dir():
-        return ""
-    archives = sorted(
-        child.name for child in data_dir.iterdir() if child.is_file() and child.name.lower().endswith(ARCHIVE_SUFFIXES)
-    )
-    if not archives:
-        return ""
-    return f" Found {', '.join(archives)} in {data_dir}: unpack it there first (archives are not read directly)."
-
-
-def find_child_dir(parent: Path, name: str) -> Path | None:
-    """The subfolder of `parent` called `name`, matched case-insensitively, or None."""
-    exact = parent / name
-    if exact.is_dir():
-        return exact
-    if not parent.is_dir():
-        return None
-    for child in sorted(parent.iterdir()):
-        if child.is_dir() and child.name.lower() == name.lower():
-            return child
-    return None
-
-
-def read_class_folders(
-    split_dir: Path, class_names: Sequence[str], size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the image files (IMAGE_EXTENSIONS) of `split_dir/<class>/` as grayscale images (N, 1, H, W)
-    uint8 and labels.
-
-    Label i is `class_names[i]`; folder names match case-insensitively and
-    folders for other classes are ignored. Every listed class needs a
-    non-empty folder. Within a class, files come in natural order of their
-    names (`x_9.png` before `x_10.png`), so numbered video frames stay in
-    frame order.
-    """
-    def natural_key(path: Path) -> tuple:
-        # Digit runs compare as numbers; re.split with a group alternates text and digits,
-        # so equal positions always hold the same type. The name breaks remaining ties.
-        parts = re.split(r"(\d+)", path.name.lower())
-        return tuple(int(part) if index % 2 else part for index, part in enumerate(parts)), path.name
-
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for label, class_name in enumerate(class_names):
-        class_dir = find_child_dir(split_dir, class_name)
-        if class_dir is None:
-            raise DataNotFoundError(
-                f"missing class folder {split_dir / class_name}: every class "
-                f"({', '.join(class_names)}) needs a folder of images in {split_dir}"
-            )
-        files = sorted(
-            (p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-            key=natural_key,
-        )
-        if not files:
-            raise DataNotFoundError(
-                f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                "put the class's images there"
-            )
-        for path in files:
-            images.append(load_image(path, size, channels=1)[0])
-            labels.append(label)
-    stacked = torch.from_numpy(np.stack(images)).unsqueeze(1)
-    return stacked, torch.tensor(labels, dtype=torch.int64)
-
-
-def list_image_files(folder: Path) -> list[Path]:
-    """Files under `folder` (all depths) whose suffix names an image format, sorted by relative
-    path; hidden files and folders (a leading dot) are left out, and links to folders are not
-    followed (no cycles)."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / name for name in files if not name.startswith(".")
-                  and Path(name).suffix.lower() in IMAGE_EXTENSIONS]  # fmt: skip
-    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
-
-
-def read_image_folder(
-    folder: Path, size: tuple[int, int], channels: int
-) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
-    """Every image file under `folder` as uint8 (N, channels, H, W), for prediction.
-
-    Returns (images, their paths relative to `folder`, skipped files as (relative
-    path, reason)). A file that is not a regular file or does not decode is skipped
-    with a warning naming it; the others are still read. A missing folder, or one
-    with no image files, is a DataNotFoundError.
-    """
-    if not folder.is_dir():
-        raise DataNotFoundError(f"predict_dir is not a folder ({folder}): give a folder of images to classify")
-    files = list_image_files(folder)
-    if not files:
-        raise DataNotFoundError(
-            f"predict_dir holds no image files ({folder}): put the images to classify in it or its subfolders "
-            f"({', '.join(IMAGE_EXTENSIONS)})"
-        )
-    images, names, skipped = [], [], []
-    for path in files:
-        name = path.relative_to(folder).as_posix()
-        try:
-            # Opening a FIFO or a device would block or never end: only regular files (links to them too).
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                raise DataFormatError(f"{path} is not a regular file")
-            images.append(load_image(path, size, channels))
-            names.append(name)
-        except (DataFormatError, OSError) as error:
-            skipped.append((name, str(error)))
-            rank_zero_warn(f"skipped {name}: {error}")
-    if not images:
-        raise DataFormatError(f"none of the {len(files)} image files under {folder} could be read (see the warnings)")
-    return torch.from_numpy(np.stack(images)), names, skipped
-
-
-# ---------------------------------------------------------------------------
-# DataModule base
 
 
 class ImageClassificationDataModule(pl.LightningDataModule):
@@ -580,7 +182,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             return
         (train_images, train_labels), (val_images, val_labels) = self._load_fit_splits()
         mean, std = normalization_stats(train_images, self.pixel_scale, self.normalize)
-        self._preprocessor = BatchPreprocessor(self.pixel_scale, mean, std, self.flatten)
+        self._preprocessor = BatchPreprocessor(self.pixel_scale, Normalization(mean, std, self.flatten))
         self.train_dataset = InMemoryImageDataset(
             train_images, train_labels, self._preprocessor, self.train_augment
         )
@@ -591,20 +193,23 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             return
         test_images, test_labels = self._load_test_split()
         if self._preprocessor is None:
-            self._preprocessor = BatchPreprocessor(self.pixel_scale, flatten=self.flatten)
+            self._preprocessor = BatchPreprocessor(self.pixel_scale, Normalization(flatten=self.flatten))
         self.test_dataset = InMemoryImageDataset(test_images, test_labels, self._preprocessor)
 
-    def _setup_predict_folder(self) -> None:
-        if self._predict_images is not None:
-            return
+    @property
+    def image_file_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) at which image files are read for prediction, and the images an
+        exported model takes: one stored image's shape (input_shape may be flattened)."""
         channels, height, width = self.image_shape or self.input_shape
-        self._predict_images, self.predict_files, self.predict_skipped = read_image_folder(
-            self.predict_dir, (height, width), channels
-        )
+        return channels, height, width
 
-    def _predict_folder_dataset(self) -> InMemoryImageDataset:
-        """predict_dir's images, preprocessed as the train split (built after a checkpoint is restored)."""
-        assert self._predict_images is not None
+    def image_file_normalization(self) -> Normalization:
+        """What turns image files' pixels, scaled to [0, 1], into this model's input, as the train split
+        was turned: its statistics (restored from a checkpoint, or computed by `setup("fit")`) and the
+        flattening. `predict` applies it to every image file; `export` puts it into the ONNX graph.
+
+        Raises a CommandError when the data are normalised and no statistics were loaded.
+        """
         if self.normalize == "none":
             mean = std = None
         elif self._restored_statistics is not None:
@@ -613,13 +218,26 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             mean, std = self._preprocessor.mean, self._preprocessor.std
         else:
             raise CommandError(
-                f"predicting images with normalize={self.normalize!r} needs the train split's statistics, and "
+                f"the model's input (normalize={self.normalize!r}) needs the train split's statistics, and "
                 "the checkpoint carries none",
                 None,
                 "pass a checkpoint written by fit (--ckpt_path), whose DataModule state carries them",
             )
-        # Image files hold 0..255, whatever range the data set's own files store.
-        preprocessor = BatchPreprocessor(1.0 / 255.0, mean, std, self.flatten)
+        return Normalization(mean, std, self.flatten)
+
+    def _setup_predict_folder(self) -> None:
+        if self._predict_images is not None:
+            return
+        channels, height, width = self.image_file_shape
+        self._predict_images, self.predict_files, self.predict_skipped = read_image_folder(
+            self.predict_dir, (height, width), channels
+        )
+
+    def _predict_folder_dataset(self) -> InMemoryImageDataset:
+        """predict_dir's images, preprocessed as the train split (built after a checkpoint is restored)."""
+        assert self._predict_images is not None
+        # Image files hold 0..255 (load_image), whatever range the data set's own files store.
+        preprocessor = BatchPreprocessor(PIXEL_SCALE_8BIT, self.image_file_normalization())
         unlabelled = torch.full((len(self._predict_images),), -1, dtype=torch.int64)
         return InMemoryImageDataset(self._predict_images, unlabelled, preprocessor)
 
@@ -639,7 +257,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
                 f"the checkpoint's data were normalised with normalize={state_dict.get('normalize')!r}, this "
                 f"DataModule uses {self.normalize!r}: use the run's own config.yaml"
             )
-        image_shape = self.image_shape or self.input_shape
+        image_shape = self.image_file_shape
         expected = normalization_shape(self.normalize, image_shape)
         mean, std = state_dict.get("mean"), state_dict.get("std")
         for name, value in (("mean", mean), ("std", std)):

@@ -21,12 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_hw.data.base import (
-    DataFormatError,
-    DataNotFoundError,
-    ImageClassificationDataModule,
-    TensorAugment,
-)
+from lightning_hw.data.augmentation import TensorAugment
+from lightning_hw.data.base import ImageClassificationDataModule
+from lightning_hw.data.errors import DataFormatError, DataNotFoundError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE_NAME = "cifar-10-python.tar.gz"

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_hw.data.base import DataFormatError, DataNotFoundError, ImageClassificationDataModule, seeded_split
+from lightning_hw.data.base import ImageClassificationDataModule
+from lightning_hw.data.errors import DataFormatError, DataNotFoundError
+from lightning_hw.data.splits import seeded_split
 
 DIGITS_FILE = Path(__file__).with_name("digits.npz")
 DIGITS_MAX_VALUE = 16

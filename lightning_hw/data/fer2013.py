@@ -10,15 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_hw.data.base import (
-    DataFormatError,
-    DataNotFoundError,
-    ImageClassificationDataModule,
-    TensorAugment,
-    find_child_dir,
-    read_class_folders,
-    unpack_hint,
-)
+from lightning_hw.data.augmentation import TensorAugment
+from lightning_hw.data.base import ImageClassificationDataModule
+from lightning_hw.data.errors import DataFormatError, DataNotFoundError
+from lightning_hw.data.images import find_child_dir, read_class_folders, unpack_hint
 
 FER2013_CLASS_NAMES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 FER2013_CSV_NAME = "fer2013.csv"

@@ -19,16 +19,11 @@ from typing import Any
 
 import torch
 
-from lightning_hw.data.base import (
-    DataNotFoundError,
-    ImageClassificationDataModule,
-    TensorAugment,
-    find_child_dir,
-    random_crop_with_padding,
-    read_class_folders,
-    resolve_split_size,
-    unpack_hint,
-)
+from lightning_hw.data.augmentation import TensorAugment, random_crop_with_padding
+from lightning_hw.data.base import ImageClassificationDataModule
+from lightning_hw.data.errors import DataNotFoundError
+from lightning_hw.data.images import find_child_dir, read_class_folders, unpack_hint
+from lightning_hw.data.splits import resolve_split_size
 
 FRUITS_DEFAULT_CLASSES = ("Carambula", "Lychee", "Pear")
 # layout name -> (train folder, test folder), in the order auto-detection prefers them.

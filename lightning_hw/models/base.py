@@ -8,6 +8,8 @@ Subclasses build their layers and implement `forward` (logits) and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -122,6 +124,11 @@ class ImageClassifier(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.probabilities(images)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (softmax of the logits, float32, (N, num_classes)): what `predict`
+        writes and what a model written by `python -m lightning_hw export` returns."""
         return torch.softmax(self(images).float(), dim=1)
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -136,6 +143,34 @@ class ImageClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    # -- export -------------------------------------------------------------
+
+    def to_onnx(self, file_path: str | Path | None = None, input_sample: Any = None, **kwargs: Any):
+        """LightningModule.to_onnx (torch.onnx.export of `forward`: input as the model takes it,
+        logits out) with lightning_hw's ops translated to standard ONNX operators
+        (`lightning_hw.onnx_ops.CUSTOM_TRANSLATION_TABLE`, added to any `custom_translation_table`
+        given), by the torch.export-based exporter, in eval mode (dropout off, batch-norm running
+        statistics). Without `input_sample` (and `example_input_array`) a random batch of 2 samples
+        of `input_shape` is traced and the batch size is a dynamic axis. `kwargs` go to
+        torch.onnx.export. Returns its torch.onnx.ONNXProgram. Needs `pip install 'lightning_hw[export]'`.
+
+        `python -m lightning_hw export` writes a file for deployment instead: images in [0, 1] in,
+        the data's normalisation inside, class probabilities out.
+        """
+        from lightning_hw import onnx_ops
+
+        if input_sample is None and self.example_input_array is None:
+            input_sample = (torch.rand(2, *self.input_shape, device=self.device),)
+            if "dynamic_axes" not in kwargs:
+                kwargs.setdefault("dynamic_shapes", onnx_ops.batch_dynamic_shapes())
+        options = onnx_ops.export_options(**kwargs)
+        training = self.training
+        self.eval()
+        try:
+            return super().to_onnx(file_path, input_sample, **options)
+        finally:
+            self.train(training)
 
     # -- optimisation -------------------------------------------------------
 
