@@ -279,69 +279,53 @@ def compare_with_torch(ours, reference, shapes, dtype, o: Operands, reduction: i
     x, w, b) may edit the output gradient. bfloat16 and float16 results are held
     to tests/bounds.py's bound against torch in float64 on the same values,
     `reduction` the longest sum of any result."""
-    if dtype in REDUCED_DTYPES:
-        compare_reduced_with_float64(ours, reference, shapes, dtype, o, reduction, adjust_grad)
-        return
-    gen = torch.Generator().manual_seed(o.seed)
-    input_shape, weight_shape, bias_shape = shapes
-    layouts = (o.input_layout, o.weight_layout, o.bias_layout)
-    leaves = [
-        None if shape is None else random_tensor(shape, dtype, layout, gen, needs)[0]
-        for shape, layout, needs in zip(shapes, layouts, o.needs_grad)
-    ]
-
-    def views(tensors):
-        return [None if t is None else layout.view(t, shape) for t, layout, shape in zip(tensors, layouts, shapes)]
-
-    ours_leaves, torch_leaves = clones(*leaves), clones(*leaves)
-    out = ours(*views(ours_leaves))
-    # Torch's reference on contiguous copies: its slow conv2d backward fails on
-    # some strided weights ("slow_conv2d: grad_weight must be contiguous", e.g.
-    # padding='same' with an even kernel and a permuted weight).
-    ref = reference(*[None if t is None else t.contiguous() for t in views(torch_leaves)])
-    assert_close(out, ref)
-    wanted = [i for i, leaf in enumerate(leaves) if leaf is not None and leaf.requires_grad]
-    if not wanted:
-        return
-    grad = adjust_grad(random_tensor(tuple(ref.shape), dtype, o.grad_layout, gen)[1], *views(leaves))
-    grads = torch.autograd.grad(out, [ours_leaves[i] for i in wanted], grad)
-    ref_grads = torch.autograd.grad(ref, [torch_leaves[i] for i in wanted], grad)
-    for a, b in zip(grads, ref_grads):
-        assert_close(a, b)
-
-
-def compare_reduced_with_float64(ours, reference, shapes, dtype, o: Operands, reduction: int, adjust_grad):
     gen = torch.Generator().manual_seed(o.seed)
     layouts = (o.input_layout, o.weight_layout, o.bias_layout)
     leaves = [
         None if shape is None else random_tensor(shape, dtype, layout, gen, needs)[0]
         for shape, layout, needs in zip(shapes, layouts, o.needs_grad)
     ]
+    reduced = dtype in REDUCED_DTYPES
 
     def views(tensors):
         return [None if t is None else layout.view(t, shape) for t, layout, shape in zip(tensors, layouts, shapes)]
+
+    def reference_of(tensors):
+        # Torch's reference on contiguous copies: its slow conv2d backward fails on
+        # some strided weights ("slow_conv2d: grad_weight must be contiguous", e.g.
+        # padding='same' with an even kernel and a permuted weight).
+        return reference(*[None if t is None else t.contiguous() for t in views(tensors)])
 
     def float64_leaves(absolute: bool):
         return [None if t is None else (t.detach().double().abs() if absolute else t.detach().double())
                 .requires_grad_(t.requires_grad) for t in leaves]  # fmt: skip
 
-    ours_leaves, exact_leaves, magnitude_leaves = clones(*leaves), float64_leaves(False), float64_leaves(True)
+    ours_leaves = clones(*leaves)
+    torch_leaves = float64_leaves(False) if reduced else clones(*leaves)
     out = ours(*views(ours_leaves))
-    exact = reference(*[None if t is None else t.contiguous() for t in views(exact_leaves)])
-    magnitude = reference(*[None if t is None else t.contiguous() for t in views(magnitude_leaves)])
-    # torch's own bfloat16 route may add the bias after rounding its GEMM (tests/bounds.py): the
-    # bias spread over the output, as the op itself spreads it (zero input and weight).
-    x, w, b = (None if t is None else t.detach().contiguous() for t in views(magnitude_leaves))
-    extra = None if b is None else reference(torch.zeros_like(x), torch.zeros_like(w), b)
-    assert_within_bound(out, exact.detach(), magnitude.detach(), reduction, dtype, extra, "output")
+    ref = reference_of(torch_leaves)
+    if reduced:
+        magnitude_leaves = float64_leaves(True)
+        magnitude = reference_of(magnitude_leaves)
+        # torch's own bfloat16 route may add the bias after rounding its GEMM (tests/bounds.py): the
+        # bias spread over the output, as the op itself spreads it (zero input and weight).
+        x, w, b = (None if t is None else t.detach().contiguous() for t in views(magnitude_leaves))
+        extra = None if b is None else reference(torch.zeros_like(x), torch.zeros_like(w), b)
+        assert_within_bound(out, ref.detach(), magnitude.detach(), reduction, dtype, extra, "output")
+    else:
+        assert_close(out, ref)
     wanted = [i for i, leaf in enumerate(leaves) if leaf is not None and leaf.requires_grad]
     if not wanted:
         return
-    grad = adjust_grad(random_tensor(tuple(exact.shape), dtype, o.grad_layout, gen)[1], *views(leaves))
+    grad = adjust_grad(random_tensor(tuple(ref.shape), dtype, o.grad_layout, gen)[1], *views(leaves))
     grads = torch.autograd.grad(out, [ours_leaves[i] for i in wanted], grad)
-    exact_grads = torch.autograd.grad(exact, [exact_leaves[i] for i in wanted], grad.double())
+    ref_grads = torch.autograd.grad(ref, [torch_leaves[i] for i in wanted], grad.to(ref.dtype))
+    if not reduced:
+        for a, b in zip(grads, ref_grads):
+            assert_close(a, b)
+        return
     magnitude_grads = torch.autograd.grad(magnitude, [magnitude_leaves[i] for i in wanted], grad.double().abs())
-    for i, a, e, m in zip(wanted, grads, exact_grads, magnitude_grads):
+    for i, a, e, m in zip(wanted, grads, ref_grads, magnitude_grads):
         # An expanded leaf's gradient sums our rounded gradients over the expanded elements
         # (autograd, in the dtype): one more rounding per term, relative to their magnitude.
         extra = m if any(layouts[i].expanded) else None

@@ -92,10 +92,9 @@ CONV_GEOMETRIES = [
 
 
 def conv_call_args(stride, padding, dilation):
-    """conv2d_backward's (stride, padding, dilation, pad_same) for ops.conv2d's arguments."""
+    """conv2d_backward's (stride, padding, dilation) for ops.conv2d's arguments ('same': zeros)."""
     pair = lambda value: [value, value] if isinstance(value, int) else list(value)  # noqa: E731
-    pad_same = padding == "same"
-    return pair(stride), [0, 0] if pad_same else pair(padding), pair(dilation), pad_same
+    return pair(stride), [0, 0] if padding == "same" else pair(padding), pair(dilation)
 
 
 def conv_reference(x, w, b, g, **conv_args):
@@ -104,6 +103,20 @@ def conv_reference(x, w, b, g, **conv_args):
     out = F.conv2d(x, w, b, **conv_args)
     out.backward(g)
     return out.detach(), x.grad, w.grad, b.grad
+
+
+def run_conv_route(route, x, w, b, dtype, **conv_args):
+    """ops.conv2d and every gradient by `route`, forced and checked to have run every part: the
+    output, the gradients and the output gradient (in the dtype and in float64)."""
+    with forced_route(route) as ran:
+        out = ops.conv2d(x, w, b, **conv_args)
+        g, g64 = reduced_tensor(out.shape, dtype)
+        stride, padding, dilation = conv_call_args(conv_args["stride"], conv_args["padding"], conv_args["dilation"])
+        grads = conv2d_backward(
+            g, x, w, stride, padding, dilation, conv_args["groups"], conv_args["padding"] == "same", [True] * 3
+        )
+    assert_ran(ran, route, CONV_PARTS)
+    return out, grads, g64
 
 
 @pytest.mark.kernel_grid
@@ -116,12 +129,7 @@ def test_conv2d_matches_float64_reference(input_shape, weight_shape, stride, pad
     x, x64 = reduced_tensor(input_shape, dtype)
     w, w64 = reduced_tensor(weight_shape, dtype, scale=0.5)
     b, b64 = reduced_tensor(weight_shape[:1], dtype)
-    with forced_route(route) as ran:
-        out = ops.conv2d(x, w, b, **conv_args)
-        g, g64 = reduced_tensor(out.shape, dtype)
-        grads = conv2d_backward(g, x, w, *conv_call_args(stride, padding, dilation)[:3], groups,
-                                padding == "same", [True, True, True])  # fmt: skip
-    assert_ran(ran, route, CONV_PARTS)
+    out, grads, g64 = run_conv_route(route, x, w, b, dtype, **conv_args)
     reference = conv_reference(x64, w64, b64, g64, **conv_args)
     magnitude = conv_reference(x64.abs(), w64.abs(), b64.abs(), g64.abs(), **conv_args)
     taps = weight_shape[2] * weight_shape[3]
@@ -177,12 +185,7 @@ def test_conv2d_propagates_nan_and_inf_like_torch(input_shape, weight_shape, str
     x[-1, -1, -1, 2] = x64[-1, -1, -1, 2] = float("nan")
     w, w64 = reduced_tensor(weight_shape, dtype, scale=0.5)
     b, b64 = reduced_tensor(weight_shape[:1], dtype)
-    with forced_route(route) as ran:
-        out = ops.conv2d(x, w, b, **conv_args)
-        g, g64 = reduced_tensor(out.shape, dtype)
-        grads = conv2d_backward(g, x, w, *conv_call_args(stride, padding, dilation)[:3], groups,
-                                padding == "same", [True, True, True])  # fmt: skip
-    assert_ran(ran, route, CONV_PARTS)
+    out, grads, g64 = run_conv_route(route, x, w, b, dtype, **conv_args)
     reference = conv_reference(x64, w64, b64, g64, **conv_args)
     for name, actual, expected in zip(("output", "grad_input", "grad_weight", "grad_bias"), (out, *grads), reference):
         assert torch.equal(actual.isnan(), expected.isnan()), f"{route} {name}: NaN places"

@@ -216,8 +216,8 @@ ARows a_rows(const uint16_t* src, int64_t rows, int64_t k_size, int64_t r_stride
 }
 
 // C = A . B over whole blocks: A (m_size rows), B packed by pack_b for n_size
-// columns, `steps` of the reduction; store(row0, col0, sums) stores each
-// 32 x 32 block. Items run column pairs outermost, so a thread's B panel stays
+// columns, `steps` of the reduction; store(row, column, sum) stores each
+// element of C. Items run column pairs outermost, so a thread's B panel stays
 // in cache across its row blocks.
 template <typename Store>
 void gemm(const ARows& a, int64_t m_size, const uint16_t* b, int64_t n_size, int64_t steps, const Store& store) {
@@ -235,7 +235,11 @@ void gemm(const ARows& a, int64_t m_size, const uint16_t* b, int64_t n_size, int
         return AmxBlock{
             a.block(mb), a_offsets.data(), a.block_stride(mb), b + 2 * np * panel, b_offsets.data(), panel, steps};
       },
-      [&](int64_t item, const float* sums) { store((item % m_blocks) * kBlock, (item / m_blocks) * kBlock, sums); });
+      [&](int64_t item, const float* sums) {
+        const int64_t m0 = (item % m_blocks) * kBlock, n0 = (item / m_blocks) * kBlock;
+        for (int64_t i = 0; i < kBlock && m0 + i < m_size; ++i)
+          for (int64_t j = 0; j < kBlock && n0 + j < n_size; ++j) store(m0 + i, n0 + j, sums[i * kBlock + j]);
+      });
 }
 
 at::BFloat16* out_bits(at::Tensor& tensor) {
@@ -530,17 +534,13 @@ void linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const int64_t m_size = a_src.size(0), n_size = b_src.size(0);
   const ARows a = a_rows(bits(a_src), m_size, in_features, in_features, 1);
   const at::Tensor b = pack_b(bits(b_src), in_features, n_size, 1, in_features);
-  gemm(a, m_size, bits(b), n_size, steps, [&](int64_t m0, int64_t n0, const float* sums) {
-         for (int64_t i = 0; i < kBlock && m0 + i < m_size; ++i)
-           for (int64_t j = 0; j < kBlock && n0 + j < n_size; ++j) {
-             const float sum = sums[i * kBlock + j];
-             if (rows_as_a) {
-               store_relu(m0 + i, n0 + j, sum);
-             } else {
-               store_relu(n0 + j, m0 + i, sum);
-             }
-           }
-       });
+  gemm(a, m_size, bits(b), n_size, steps, [&](int64_t m, int64_t n, float sum) {
+    if (rows_as_a) {
+      store_relu(m, n, sum);
+    } else {
+      store_relu(n, m, sum);
+    }
+  });
 }
 
 void linear_input_grad(const at::Tensor& grad_pre, const at::Tensor& w, at::Tensor& grad_input) {
@@ -549,11 +549,8 @@ void linear_input_grad(const at::Tensor& grad_pre, const at::Tensor& w, at::Tens
   const ARows a = a_rows(bits(grad_pre), rows, out_features, out_features, 1);
   const at::Tensor b = pack_b(bits(w), out_features, in_features, in_features, 1);
   at::BFloat16* dst = out_bits(grad_input);
-  gemm(a, rows, bits(b), in_features, ceil_div(out_features, kStep), [&](int64_t m0, int64_t n0, const float* sums) {
-         for (int64_t i = 0; i < kBlock && m0 + i < rows; ++i)
-           for (int64_t j = 0; j < kBlock && n0 + j < in_features; ++j)
-             dst[(m0 + i) * in_features + n0 + j] = at::BFloat16(sums[i * kBlock + j]);
-       });
+  gemm(a, rows, bits(b), in_features, ceil_div(out_features, kStep),
+       [&](int64_t m, int64_t n, float sum) { dst[m * in_features + n] = at::BFloat16(sum); });
 }
 
 void linear_weight_grad(const at::Tensor& grad_pre, const at::Tensor& x, at::Tensor& grad_weight) {
@@ -562,11 +559,8 @@ void linear_weight_grad(const at::Tensor& grad_pre, const at::Tensor& x, at::Ten
   const ARows a = a_rows(bits(grad_pre), out_features, rows, 1, out_features);
   const at::Tensor b = pack_b(bits(x), rows, in_features, in_features, 1);
   at::BFloat16* dst = out_bits(grad_weight);
-  gemm(a, out_features, bits(b), in_features, ceil_div(rows, kStep), [&](int64_t m0, int64_t n0, const float* sums) {
-         for (int64_t i = 0; i < kBlock && m0 + i < out_features; ++i)
-           for (int64_t j = 0; j < kBlock && n0 + j < in_features; ++j)
-             dst[(m0 + i) * in_features + n0 + j] = at::BFloat16(sums[i * kBlock + j]);
-       });
+  gemm(a, out_features, bits(b), in_features, ceil_div(rows, kStep),
+       [&](int64_t m, int64_t n, float sum) { dst[m * in_features + n] = at::BFloat16(sum); });
 }
 
 void conv_forward(
