@@ -439,7 +439,9 @@ def mutate_conv(draw, g: ConvGeometry, kind: str):
             kwargs[name] = draw(st.sampled_from([1.0, True, None, (1,), "1"]))
         else:
             kwargs[name] = draw(st.sampled_from([(1, 1, 1), (), 1.5, None, True, "1", [1.0, 1.0]]))
-        pattern = rf"{name} must be an int"
+        # A string padding is read as a padding mode ('same', 'valid'), and refused as such.
+        string_padding = name == "padding" and isinstance(kwargs[name], str)
+        pattern = "invalid padding string" if string_padding else rf"{name} must be an int"
     elif kind in ("weight dtype", "bias dtype"):
         name = kind.split()[0]
         if name == "bias":

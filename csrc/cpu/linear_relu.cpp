@@ -8,6 +8,7 @@
 // on many rows, BLAS for the rest) decides when timing is off. In the backward,
 // the ReLU mask and the bias gradient take one pass over grad_output.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -587,13 +588,14 @@ at::Tensor linear_relu_cpu(
 // as torch's threshold_backward does), written in place of a fresh buffer, and
 // the bias gradient as its column sums. Columns are split between threads so
 // each sum is owned by one thread and summed in a fixed order (deterministic).
-// The sums of a column block run in a local array (no aliasing with the rows).
-template <typename scalar_t>
+// The sums of a column block run in a local array (no aliasing with the rows),
+// in float32 for bfloat16 and float16 (sum_t, torch's opmath type).
+template <typename scalar_t, typename sum_t = at::opmath_type<scalar_t>>
 void relu_mask_and_bias_grad(
     const scalar_t* grad_output,
     const scalar_t* output,
     scalar_t* grad_pre,
-    scalar_t* grad_bias,
+    sum_t* grad_bias,
     int64_t rows,
     int64_t cols) {
   constexpr int64_t kColumnBlock = 64;
@@ -602,7 +604,7 @@ void relu_mask_and_bias_grad(
     for (int64_t block = begin; block < end; ++block) {
       const int64_t c0 = block * kColumnBlock;
       const int64_t width = std::min(kColumnBlock, cols - c0);
-      scalar_t sums[kColumnBlock] = {};
+      sum_t sums[kColumnBlock] = {};
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* __restrict g = grad_output + r * cols + c0;
         const scalar_t* __restrict o = output + r * cols + c0;
@@ -670,21 +672,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
   const at::ScalarType dtype = input.scalar_type();
-  const at::Tensor grad_2d = cpu::in_compute_dtype(as_rows(grad_output, out_features).contiguous());
-  const at::Tensor out_2d = cpu::in_compute_dtype(as_rows(output, out_features).contiguous());
+  const at::Tensor grad_2d = as_rows(grad_output, out_features).contiguous();
+  const at::Tensor out_2d = as_rows(output, out_features).contiguous();
   const int64_t rows = grad_2d.size(0);
   const auto options = grad_output.options();
+  // grad_pre in the op's dtype (masked copies of grad_output: exact), the bias
+  // gradient summed in the compute dtype.
   at::Tensor grad_pre = at::empty_like(grad_2d);
   at::Tensor grad_bias = at::empty({output_mask[2] ? out_features : 0}, options);
+  at::Tensor grad_bias_compute = cpu::compute_buffer(grad_bias);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "linear_relu_backward_mask", [&] {
+    using sum_t = at::opmath_type<scalar_t>;
+    relu_mask_and_bias_grad<scalar_t>(
+        grad_2d.const_data_ptr<scalar_t>(), out_2d.const_data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>(),
+        output_mask[2] ? grad_bias_compute.data_ptr<sum_t>() : nullptr, rows, out_features);
+  });
+  cpu::store_result(grad_bias, grad_bias_compute);
   at::Tensor grad_input = at::empty({0}, options);
   at::Tensor grad_weight = at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(cpu::compute_dtype(dtype), "linear_relu_backward_cpu", [&] {
-    at::Tensor grad_bias_compute = cpu::compute_buffer(grad_bias);
-    relu_mask_and_bias_grad<scalar_t>(
-        grad_2d.const_data_ptr<scalar_t>(), out_2d.const_data_ptr<scalar_t>(),
-        grad_pre.data_ptr<scalar_t>(), output_mask[2] ? grad_bias_compute.data_ptr<scalar_t>() : nullptr,
-        rows, out_features);
-    cpu::store_result(grad_bias, grad_bias_compute);
     const at::Tensor w = weight.contiguous();
     const at::Tensor x = as_rows(input, in_features).contiguous();
     const auto query = backward_query<scalar_t>(dtype, output_mask, rows, in_features, out_features);
@@ -692,30 +698,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
       if (output_mask[0]) grad_input = at::empty(input.sizes(), options);
       if (output_mask[1]) grad_weight = cpu::recycled_empty(weight.sizes(), options);
       if (route == "amx") {
-        // grad_pre holds masked copies of grad_output's values: exact in bfloat16.
-        const at::Tensor grad_pre_reduced = grad_pre.to(dtype);
         if (output_mask[0]) {
           at::Tensor grad_input_2d = grad_input.view({rows, in_features});
-          cpu::amx::linear_input_grad(grad_pre_reduced, w, grad_input_2d);
+          cpu::amx::linear_input_grad(grad_pre, w, grad_input_2d);
         }
-        if (output_mask[1]) cpu::amx::linear_weight_grad(grad_pre_reduced, x, grad_weight);
+        if (output_mask[1]) cpu::amx::linear_weight_grad(grad_pre, x, grad_weight);
         return;
       }
       if (route == "blas" && blas_in_reduced_dtype(dtype)) {
-        // torch's own GEMMs in this dtype; grad_pre holds masked copies of
-        // grad_output's values, so it converts back exactly.
-        const at::Tensor grad_pre_reduced = grad_pre.to(dtype);
+        // torch's own GEMMs in this dtype.
         if (output_mask[0]) {
           at::Tensor grad_input_2d = grad_input.view({rows, in_features});
-          at::mm_out(grad_input_2d, grad_pre_reduced, w);
+          at::mm_out(grad_input_2d, grad_pre, w);
         }
-        if (output_mask[1]) at::mm_out(grad_weight, grad_pre_reduced.t(), x);
+        if (output_mask[1]) at::mm_out(grad_weight, grad_pre.t(), x);
         return;
       }
       at::Tensor grad_input_compute = cpu::compute_buffer(grad_input);
       at::Tensor grad_weight_compute = cpu::compute_buffer(grad_weight);
       linear_relu_backward_route<scalar_t>(
-          route, grad_pre, cpu::in_compute_dtype(w), cpu::in_compute_dtype(x),
+          route, cpu::in_compute_dtype(grad_pre), cpu::in_compute_dtype(w), cpu::in_compute_dtype(x),
           output_mask[0] ? &grad_input_compute : nullptr, output_mask[1] ? &grad_weight_compute : nullptr);
       cpu::store_result(grad_input, grad_input_compute);
       cpu::store_result(grad_weight, grad_weight_compute);
