@@ -139,20 +139,20 @@ uint16_t* mutable_bits(at::Tensor& tensor) {
 }
 
 // Packs the (K x N) matrix element(k, n) = src[k * k_stride + n * n_stride]
-// into B tiles: packed[n block of 16][step][16 pairs of k][16 columns][2],
-// zeros past K and N (N padded to whole pairs of 16-column blocks).
-at::Tensor pack_b(const uint16_t* src, int64_t k_size, int64_t n_size, int64_t k_stride, int64_t n_stride) {
+// into B tiles at out: tile (n block of 16, step) at out + nb * block_stride +
+// step * 512, each [16 pairs of k][16 columns][2]. out must hold zeros: they
+// stay past K and N.
+void pack_b_into(
+    uint16_t* out, int64_t block_stride, const uint16_t* src, int64_t k_size, int64_t n_size, int64_t k_stride,
+    int64_t n_stride) {
   const int64_t steps = ceil_div(k_size, kStep);
-  const int64_t n_blocks = 2 * ceil_div(n_size, kBlock);
-  at::Tensor packed = zeroed_bits(n_blocks * steps * kTileElements);
-  uint16_t* out = mutable_bits(packed);
+  const int64_t n_blocks = ceil_div(n_size, 16);
   at::parallel_for(0, n_blocks * steps, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t nb = item / steps, step = item % steps;
-      uint16_t* tile = out + item * kTileElements;
+      uint16_t* tile = out + nb * block_stride + step * kTileElements;
       const int64_t n_count = std::min<int64_t>(16, n_size - nb * 16);
       const int64_t k_count = std::min<int64_t>(kStep, k_size - step * kStep);
-      if (n_count <= 0) continue;
       const uint16_t* origin = src + step * kStep * k_stride + nb * 16 * n_stride;
       // Read along whichever index is contiguous in the source.
       if (n_stride == 1) {
@@ -165,6 +165,14 @@ at::Tensor pack_b(const uint16_t* src, int64_t k_size, int64_t n_size, int64_t k
       }
     }
   });
+}
+
+// pack_b_into a new buffer: packed[n block of 16][step][tile], N padded to
+// whole pairs of 16-column blocks (zeros).
+at::Tensor pack_b(const uint16_t* src, int64_t k_size, int64_t n_size, int64_t k_stride, int64_t n_stride) {
+  const int64_t steps = ceil_div(k_size, kStep);
+  at::Tensor packed = zeroed_bits(2 * ceil_div(n_size, kBlock) * steps * kTileElements);
+  pack_b_into(mutable_bits(packed), steps * kTileElements, src, k_size, n_size, k_stride, n_stride);
   return packed;
 }
 
@@ -427,17 +435,13 @@ at::Tensor pack_conv_weights(const at::Tensor& weight, bool transposed, int64_t 
   at::Tensor packed = zeroed_bits(n_blocks * taps * c_steps * kTileElements);
   uint16_t* dst = mutable_bits(packed);
   const uint16_t* src = bits(w);
+  // Element (k = reduced channel, n = output) of each tap, its tiles at
+  // [n block][tap][channel step].
+  const int64_t k_stride = transposed ? c_size * taps : taps, n_stride = transposed ? taps : c_size * taps;
   for (int64_t t = 0; t < taps; ++t) {
     const int64_t source_tap = transposed ? taps - 1 - t : t;
-    // element (k = reduced channel, n = output) of this tap
-    const int64_t k_stride = transposed ? c_size * taps : taps, n_stride = transposed ? taps : c_size * taps;
-    const at::Tensor tap_tiles = pack_b(src + source_tap, reduce, outputs, k_stride, n_stride);
-    const uint16_t* tiles = bits(tap_tiles);
-    const int64_t steps_here = ceil_div(reduce, kStep);
-    for (int64_t nb = 0; nb < n_blocks; ++nb)
-      for (int64_t cs = 0; cs < steps_here; ++cs)
-        std::memcpy(dst + ((nb * taps + t) * c_steps + cs) * kTileElements,
-                    tiles + (nb * steps_here + cs) * kTileElements, kTileElements * sizeof(uint16_t));
+    pack_b_into(dst + t * c_steps * kTileElements, taps * c_steps * kTileElements, src + source_tap, reduce, outputs,
+                k_stride, n_stride);
   }
   return packed;
 }
