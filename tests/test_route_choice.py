@@ -167,6 +167,58 @@ def test_each_conv_part_is_timed_against_torch(cache_dir, x_shape, w_shape, padd
     assert len(file_lines(cache_dir)) == len(CONV_PARTS)
 
 
+def conv_shape_key(x_shape, w_shape, size_out, padding):
+    n, c, h, w = x_shape
+    o, _, kh, kw = w_shape
+    return f"Float {n}x{c}x{h}x{w} out {o}x{size_out}x{size_out} k{kh}x{kw} s1x1 p{padding}x{padding} d1x1 g1"
+
+
+def test_with_both_gradients_the_weight_gradient_is_timed_as_whole_backwards(cache_dir):
+    # The weight gradient's candidates run after the input gradient's route, torch's as its one
+    # call computing both, under a key that names the input gradient's route.
+    x_shape, w_shape = (8, 16, 16, 16), (32, 16, 3, 3)
+    run_conv(x_shape, w_shape, 1)
+    shape = conv_shape_key(x_shape, w_shape, 16, 1)
+    input_route = choices()[("conv2d_input_grad", shape)]
+    assert ("conv2d_weight_grad", f"{shape} with input grad by {input_route}") in choices()
+    # Without the input gradient the weight gradient is timed alone, under the plain key.
+    x = torch.randn(x_shape)
+    w = torch.randn(w_shape, requires_grad=True)
+    out = ops.conv2d(x, w, None, padding=1)
+    (grad_w,) = torch.autograd.grad(out, (w,), torch.ones_like(out))
+    torch.testing.assert_close(grad_w, torch.autograd.grad(F.conv2d(x, w, None, padding=1), (w,), torch.ones_like(out))[0], rtol=1e-4, atol=1e-3)
+    assert ("conv2d_weight_grad", shape) in choices()
+
+
+@pytest.mark.parametrize("input_route", ["direct", "aten"])
+def test_torchs_joint_backward_gives_both_gradients_whatever_the_input_route(cache_dir, input_route):
+    # Choices written in the file: the input gradient by `input_route`, the weight gradient by
+    # torch's joint call, whose input gradient is then the one returned.
+    x_shape, w_shape = (8, 16, 16, 16), (32, 16, 3, 3)
+    shape = conv_shape_key(x_shape, w_shape, 16, 1)
+    run_conv(x_shape, w_shape, 1)  # names the file
+    (file,) = cache_dir.glob("routes-*.tsv")
+    file.write_text(f"conv2d_forward\t{shape}\tdirect\n"
+                    f"conv2d_input_grad\t{shape}\t{input_route}\n"
+                    f"conv2d_weight_grad\t{shape} with input grad by {input_route}\taten\n")  # fmt: skip
+    torch.ops.lightning_hw.clear_route_choices()
+    run_conv(x_shape, w_shape, 1)
+    assert choices()[("conv2d_weight_grad", f"{shape} with input grad by {input_route}")] == "aten"
+
+
+def test_forced_routes_are_not_replaced_by_torchs_joint_backward(cache_dir, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_HW_ROUTE", "direct,aten")
+    before = runs_of("conv2d_weight_grad")
+    run_conv((8, 16, 16, 16), (32, 16, 3, 3), 1)
+    assert runs_of("conv2d_weight_grad") == {**before, "direct": before.get("direct", 0) + 1}
+    assert choices() == {}
+
+
+def runs_of(part: str) -> dict[str, int]:
+    rows = [line.split("\t") for line in torch.ops.lightning_hw.routes_run()]
+    return {route: int(calls) for op, route, calls in rows if op == part}
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_torch_route_is_not_a_candidate_where_it_cannot_pad_the_same(cache_dir):
     run_conv((8, 16, 16, 16), (32, 16, 4, 4), "same")  # even kernel: asymmetric padding

@@ -365,23 +365,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       if (weight_by_ours) cpu::store_result(grad_weight, weight_buffer);
       cpu::store_result(grad_bias, bias_buffer);
     };
-    const std::string input_route =
+    std::string input_route =
         output_mask[0] && grad_input.numel() > 0
             ? cpu::choose_route(
                   conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same, input.scalar_type()), run_input_grad)
             : "";
     // The bias gradient alone is one pass over grad_output: nothing to time or force.
     std::string weight_route;
+    // With both gradients asked for (and routes not forced), torch's "aten"
+    // weight gradient is its one backward call computing both (it shares its
+    // work on grad_output between them, and is at times faster than its two
+    // gradients apart): the weight gradient's routes are timed as whole
+    // backwards, each of ours after the input gradient's route, "aten" as that
+    // one call, under a key of their own; where that call wins, it gives both
+    // (routes_run() still counts the input gradient's route as chosen).
+    cpu::RouteQuery weight_query = conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same, input.scalar_type());
+    const bool both = !input_route.empty() && output_mask[1] && !cpu::routes_forced(weight_query);
+    const auto run_backward = [&](const std::string& route) {
+      if (route == "aten") {
+        aten_backward({true, true, output_mask[2]});
+        return;
+      }
+      run_input_grad(input_route);
+      run_weight_grad(route);
+    };
     if (output_mask[1]) {
-      weight_route =
-          cpu::choose_route(
-          conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same, input.scalar_type()), run_weight_grad);
+      if (both) weight_query.shape += " with input grad by " + input_route;
+      weight_route = both ? cpu::choose_route(weight_query, run_backward) : cpu::choose_route(weight_query, run_weight_grad);
     } else if (output_mask[2]) {
       weight_route = conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad);
     }
-    if (input_route == "aten" && weight_route == "aten") {
-      // One call for both, as torch.nn makes it: torch shares its work on grad_output between them.
+    if (both && weight_route == "aten") {
+      // One call for both, as torch.nn makes it.
       std::tie(aten_grad_input, aten_grad_weight, aten_grad_bias) = aten_backward({true, true, output_mask[2]});
+      if (input_route != "aten") {
+        grad_input = adopt(aten_grad_input, setup.grad_input4, grad_input);
+        input_route = "";  // adopted
+      }
     } else {
       if (!input_route.empty()) run_input_grad(input_route);
       if (!weight_route.empty()) run_weight_grad(weight_route);

@@ -691,6 +691,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
   at::Tensor grad_input = at::empty({0}, options);
   at::Tensor grad_weight = at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(cpu::compute_dtype(dtype), "linear_relu_backward_cpu", [&] {
+    if (!output_mask[0] && !output_mask[1]) return;  // the bias gradient alone is done
     const at::Tensor w = weight.contiguous();
     const at::Tensor x = as_rows(input, in_features).contiguous();
     const auto query = backward_query<scalar_t>(dtype, output_mask, rows, in_features, out_features);
@@ -722,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
       cpu::store_result(grad_input, grad_input_compute);
       cpu::store_result(grad_weight, grad_weight_compute);
     };
-    if (output_mask[0] || output_mask[1]) run(cpu::choose_route(query, run));
+    run(cpu::choose_route(query, run));
   });
   return {grad_input, grad_weight, grad_bias};
 }

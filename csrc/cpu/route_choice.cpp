@@ -76,7 +76,7 @@ const std::string& fingerprint() {
   return text;
 }
 
-std::string cache_file() {
+std::string cache_file_of_environment() {
   std::string dir;
   if (env_is_set("LIGHTNING_HW_CACHE_DIR")) {
     dir = env("LIGHTNING_HW_CACHE_DIR");
@@ -91,6 +91,28 @@ std::string cache_file() {
   std::ostringstream name;
   name << dir << "/routes-" << std::hex << std::hash<std::string>{}(fingerprint()) << ".tsv";
   return name.str();
+}
+
+// cache_file_of_environment, worked out again only when one of the variables
+// it reads changes (tests change them within a process): it runs on every call
+// of an op that times its routes.
+std::string cache_file() {
+  static std::mutex mutex;
+  static std::string inputs, file;
+  static bool known = false;
+  const auto value = [](const char* name) {
+    const char* text = std::getenv(name);
+    return text == nullptr ? std::string("\x01") : std::string(text);  // unset differs from empty
+  };
+  const std::string now =
+      value("LIGHTNING_HW_CACHE_DIR") + '\0' + value("XDG_CACHE_HOME") + '\0' + value("HOME");
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!known || now != inputs) {
+    file = cache_file_of_environment();
+    inputs = now;
+    known = true;
+  }
+  return file;
 }
 
 // Lines "op<TAB>shape<TAB>route<TAB>comment"; later lines win. A line that does
@@ -146,16 +168,20 @@ bool has_route(const std::string& op, const std::string& route) {
 
 // The query's routes are its op's, each once: a route added to an op and
 // forgotten in its query (or the reverse) fails every call, not just forcing.
+// Runs on every call, so it counts instead of building and sorting lists.
 void check_query(const RouteQuery& query) {
-  std::vector<std::string> routes = query.candidates;
-  for (const auto& excluded : query.excluded) routes.push_back(excluded.first);
-  std::sort(routes.begin(), routes.end());
   const auto family = std::find_if(
       op_routes().begin(), op_routes().end(), [&](const auto& entry) { return entry.first == query.family; });
   TORCH_INTERNAL_ASSERT(family != op_routes().end(), "route query of an unknown op ", query.family);
-  std::vector<std::string> expected = family->second;
-  std::sort(expected.begin(), expected.end());
-  TORCH_INTERNAL_ASSERT(routes == expected, "the routes of ", query.op, " are not those of ", query.family);
+  const auto& expected = family->second;
+  bool routes_match = query.candidates.size() + query.excluded.size() == expected.size();
+  for (const std::string& route : expected) {
+    const auto listed = std::count(query.candidates.begin(), query.candidates.end(), route) +
+                        std::count_if(query.excluded.begin(), query.excluded.end(),
+                                      [&](const auto& entry) { return entry.first == route; });
+    routes_match = routes_match && listed == 1;
+  }
+  TORCH_INTERNAL_ASSERT(routes_match, "the routes of ", query.op, " are not those of ", query.family);
   TORCH_INTERNAL_ASSERT(is_candidate(query, query.fallback), "route fallback must be a candidate");
 }
 
@@ -163,6 +189,7 @@ void check_query(const RouteQuery& query) {
 // forced). Names are separated by commas, blanks around them ignored.
 std::vector<std::string> forced_routes(const RouteQuery& query, const std::string& value) {
   std::vector<std::string> listed;
+  if (value.find_first_not_of(" \t,") == std::string::npos) return listed;
   std::istringstream names(value);
   std::string name;
   while (std::getline(names, name, ',')) {
@@ -271,6 +298,10 @@ std::string choose_route(const RouteQuery& query, const std::function<void(const
   std::lock_guard<std::mutex> lock(choices().mutex);
   ++choices().runs[{query.op, route}];
   return route;
+}
+
+bool routes_forced(const RouteQuery& query) {
+  return !forced_routes(query, env("LIGHTNING_HW_ROUTE")).empty();
 }
 
 std::vector<std::string> route_choices() {

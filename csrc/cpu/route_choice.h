@@ -65,6 +65,9 @@ const std::vector<std::pair<std::string, std::vector<std::string>>>& op_routes()
 // LIGHTNING_HW_CPU_ISA (tile_kernels.h) is an error here, whichever route runs.
 std::string choose_route(const RouteQuery& query, const std::function<void(const std::string&)>& run);
 
+// Whether LIGHTNING_HW_ROUTE forces the routes of the query's op.
+bool routes_forced(const RouteQuery& query);
+
 // The choices this process knows (made or read from the file), as
 // "op<TAB>shape<TAB>route" lines.
 std::vector<std::string> route_choices();
