@@ -222,7 +222,8 @@ inline std::vector<int64_t> conv2d_output_sizes(const Conv2dShape& s, bool batch
 
 // What every backend's conv2d does first: the argument checks, the shape and
 // the contiguous output, with 4-D views of input and output (unbatched input
-// becomes a batch of one).
+// becomes a batch of one). With allocate_out false, out and out4 are left for
+// the caller (the CPU allocates them only for its own routes).
 struct Conv2dForwardSetup {
   Conv2dShape shape;
   at::Tensor out, input4, out4;
@@ -238,14 +239,17 @@ inline Conv2dForwardSetup conv2d_forward_setup(
     int64_t groups,
     bool pad_same,
     c10::ArrayRef<at::ScalarType> supported,
-    const char* backend) {
+    const char* backend,
+    bool allocate_out = true) {
   check_operands("conv2d", input, weight, bias, supported, backend);
   Conv2dForwardSetup setup;
   setup.shape = conv2d_shape_of(input, weight, bias, stride, padding, dilation, groups, pad_same);
   const bool batched = input.dim() == 4;
-  setup.out = at::empty(conv2d_output_sizes(setup.shape, batched), input.options());
   setup.input4 = batched ? input : input.unsqueeze(0);
-  setup.out4 = batched ? setup.out : setup.out.unsqueeze(0);
+  if (allocate_out) {
+    setup.out = at::empty(conv2d_output_sizes(setup.shape, batched), input.options());
+    setup.out4 = batched ? setup.out : setup.out.unsqueeze(0);
+  }
   return setup;
 }
 

@@ -225,16 +225,6 @@ std::vector<int64_t> conv_stride(const Conv2dShape& s) { return {s.stride_h, s.s
 std::vector<int64_t> conv_padding(const Conv2dShape& s) { return {s.pad_top, s.pad_left}; }
 std::vector<int64_t> conv_dilation(const Conv2dShape& s) { return {s.dilation_h, s.dilation_w}; }
 
-// A result of torch's kernels as the op's output: itself where it is laid out
-// as ours are (contiguous), else copied into ours.
-at::Tensor adopt(const at::Tensor& result, at::Tensor& ours4, const at::Tensor& ours) {
-  if (!result.is_contiguous()) {
-    ours4.copy_(result);
-    return ours;
-  }
-  return result.view(ours.sizes());
-}
-
 at::Tensor conv2d_cpu(
     const at::Tensor& input,
     const at::Tensor& weight,
@@ -244,10 +234,22 @@ at::Tensor conv2d_cpu(
     at::IntArrayRef dilation,
     int64_t groups,
     bool pad_same) {
+  // The output is allocated where one of our routes writes it; torch's route
+  // returns its own (see conv2d_backward_cpu on unused buffers).
   Conv2dForwardSetup setup = conv2d_forward_setup(
-      input, weight, bias, stride, padding, dilation, groups, pad_same, cpu::kCpuDtypes, "CPU");
-  if (setup.out.numel() == 0) return setup.out;
+      input, weight, bias, stride, padding, dilation, groups, pad_same, cpu::kCpuDtypes, "CPU",
+      /*allocate_out=*/false);
   const Conv2dShape& s = setup.shape;
+  const std::vector<int64_t> out_sizes = conv2d_output_sizes(s, input.dim() == 4);
+  const auto allocate_out = [&] {
+    if (setup.out.defined()) return;
+    setup.out = at::empty(out_sizes, input.options());
+    setup.out4 = input.dim() == 4 ? setup.out : setup.out.unsqueeze(0);
+  };
+  if (c10::multiply_integers(out_sizes) == 0) {
+    allocate_out();
+    return setup.out;
+  }
   check_buffer_sizes(s);
   at::Tensor aten_out;
   std::string route;
@@ -257,8 +259,10 @@ at::Tensor conv2d_cpu(
         aten_out = at::convolution(
             setup.input4, weight, bias, conv_stride(s), conv_padding(s), conv_dilation(s), false, {0, 0}, groups);
       } else if (name == "amx") {
+        allocate_out();
         cpu::amx::conv_forward(setup.input4, weight, bias, s, setup.out4);
       } else {
+        allocate_out();
         at::Tensor out4 = cpu::compute_buffer(setup.out4);
         forward_route<scalar_t>(
             name, cpu::in_compute_dtype(setup.input4), cpu::in_compute_dtype(weight), cpu::in_compute_dtype(bias), s,
@@ -269,7 +273,8 @@ at::Tensor conv2d_cpu(
     route = cpu::choose_route(conv_route_query<scalar_t>(s, ConvPart::kForward, pad_same, input.scalar_type()), run);
     run(route);
   });
-  return route == "aten" ? adopt(aten_out, setup.out4, setup.out) : setup.out;
+  // torch's result in our layout (contiguous: a copy only where it is not).
+  return route == "aten" ? aten_out.contiguous().view(out_sizes) : setup.out;
 }
 
 // grad_input by one of our routes.
@@ -315,15 +320,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     int64_t groups,
     bool pad_same,
     std::array<bool, 3> output_mask) {
+  // The gradients are allocated where one of our routes writes them (torch's
+  // routes return their own): a large buffer allocated and left unused slowed
+  // torch's own backward on memory-bound shapes by 10-20% (benchmarks/NOTES.md,
+  // round 7). An empty batch gets its zero gradients from the setup.
+  const bool empty_batch = input.dim() == 4 && input.size(0) == 0;
   Conv2dBackwardSetup setup = conv2d_backward_setup(
-      grad_output, input, weight, stride, padding, dilation, groups, pad_same, output_mask,
-      cpu::kCpuDtypes, "CPU");
+      grad_output, input, weight, stride, padding, dilation, groups, pad_same,
+      empty_batch ? output_mask : std::array<bool, 3>{false, false, false}, cpu::kCpuDtypes, "CPU");
   const Conv2dShape& s = setup.shape;
   at::Tensor& grad_input = setup.grad_input;
   at::Tensor& grad_weight = setup.grad_weight;
   at::Tensor& grad_bias = setup.grad_bias;
   if (s.batch == 0) return {grad_input, grad_weight, grad_bias};
   check_buffer_sizes(s);
+  const auto options = grad_output.options();
+  bool input_grad_allocated = false, weight_grads_allocated = false;
+  const auto allocate_input_grad = [&] {
+    if (input_grad_allocated) return;
+    grad_input = at::empty(input.sizes(), options);
+    setup.grad_input4 = input.dim() == 4 ? grad_input : grad_input.unsqueeze(0);
+    input_grad_allocated = true;
+  };
+  const auto allocate_weight_grads = [&] {
+    if (weight_grads_allocated) return;
+    if (output_mask[1]) grad_weight = at::empty(weight.sizes(), options);
+    if (output_mask[2]) grad_bias = at::empty({s.out_channels}, options);
+    weight_grads_allocated = true;
+  };
   const at::Tensor& grad4 = setup.grad4;
   const at::Tensor& input4 = setup.input4;
   // torch's backward for the "aten" route, computing the gradients `mask` asks for.
@@ -339,8 +363,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       if (route == "aten") {
         aten_grad_input = std::get<0>(aten_backward({true, false, false}));
       } else if (route == "amx") {
+        allocate_input_grad();
         cpu::amx::conv_input_grad(grad4, weight, s, setup.grad_input4);
       } else {
+        allocate_input_grad();
         at::Tensor grad_input4 = cpu::compute_buffer(setup.grad_input4);
         input_grad_route<scalar_t>(route, cpu::in_compute_dtype(grad4), cpu::in_compute_dtype(weight), s, grad_input4);
         cpu::store_result(setup.grad_input4, grad_input4);
@@ -354,6 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       // The tiles take the weight gradient unless the input holds non-finite
       // values (see amx.h); the bias gradient, one pass over grad_output, and
       // such a weight gradient go to our float kernels, by their rule.
+      allocate_weight_grads();
       const bool amx_weight = route == "amx" && output_mask[1] && cpu::amx::conv_weight_grad(grad4, input4, s, grad_weight);
       const std::string ours = route == "amx" ? conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad) : route;
       const bool weight_by_ours = output_mask[1] && !amx_weight;
@@ -366,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       cpu::store_result(grad_bias, bias_buffer);
     };
     std::string input_route =
-        output_mask[0] && grad_input.numel() > 0
+        output_mask[0] && input.numel() > 0
             ? cpu::choose_route(
                   conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same, input.scalar_type()), run_input_grad)
             : "";
@@ -399,19 +426,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       // One call for both, as torch.nn makes it.
       std::tie(aten_grad_input, aten_grad_weight, aten_grad_bias) = aten_backward({true, true, output_mask[2]});
       if (input_route != "aten") {
-        grad_input = adopt(aten_grad_input, setup.grad_input4, grad_input);
-        input_route = "";  // adopted
+        grad_input = aten_grad_input.contiguous().view(input.sizes());
+        input_route = "";  // taken
       }
     } else {
       if (!input_route.empty()) run_input_grad(input_route);
       if (!weight_route.empty()) run_weight_grad(weight_route);
     }
-    if (input_route == "aten") grad_input = adopt(aten_grad_input, setup.grad_input4, grad_input);
+    // torch's results in our layout (contiguous: a copy only where they are not).
+    if (input_route == "aten") grad_input = aten_grad_input.contiguous().view(input.sizes());
     if (weight_route == "aten") {
-      grad_weight = adopt(aten_grad_weight, grad_weight, grad_weight);
-      if (output_mask[2]) grad_bias = adopt(aten_grad_bias, grad_bias, grad_bias);
+      grad_weight = aten_grad_weight.contiguous();
+      if (output_mask[2]) grad_bias = aten_grad_bias.contiguous();
     }
   });
+  // An input gradient of no elements, which no route computed.
+  if (output_mask[0] && input.numel() == 0) allocate_input_grad();
   return {grad_input, grad_weight, grad_bias};
 }
 
