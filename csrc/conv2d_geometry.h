@@ -223,11 +223,17 @@ inline std::vector<int64_t> conv2d_output_sizes(const Conv2dShape& s, bool batch
 // What every backend's conv2d does first: the argument checks, the shape and
 // the contiguous output, with 4-D views of input and output (unbatched input
 // becomes a batch of one). With allocate_out false, out and out4 are left for
-// the caller (the CPU allocates them only for its own routes).
+// the caller to allocate_conv2d_output (the CPU does only for its own routes).
 struct Conv2dForwardSetup {
   Conv2dShape shape;
   at::Tensor out, input4, out4;
 };
+
+inline void allocate_conv2d_output(Conv2dForwardSetup& setup, const at::Tensor& input) {
+  const bool batched = input.dim() == 4;
+  setup.out = at::empty(conv2d_output_sizes(setup.shape, batched), input.options());
+  setup.out4 = batched ? setup.out : setup.out.unsqueeze(0);
+}
 
 inline Conv2dForwardSetup conv2d_forward_setup(
     const at::Tensor& input,
@@ -244,12 +250,8 @@ inline Conv2dForwardSetup conv2d_forward_setup(
   check_operands("conv2d", input, weight, bias, supported, backend);
   Conv2dForwardSetup setup;
   setup.shape = conv2d_shape_of(input, weight, bias, stride, padding, dilation, groups, pad_same);
-  const bool batched = input.dim() == 4;
-  setup.input4 = batched ? input : input.unsqueeze(0);
-  if (allocate_out) {
-    setup.out = at::empty(conv2d_output_sizes(setup.shape, batched), input.options());
-    setup.out4 = batched ? setup.out : setup.out.unsqueeze(0);
-  }
+  setup.input4 = input.dim() == 4 ? input : input.unsqueeze(0);
+  if (allocate_out) allocate_conv2d_output(setup, input);
   return setup;
 }
 

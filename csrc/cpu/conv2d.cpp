@@ -242,9 +242,7 @@ at::Tensor conv2d_cpu(
   const Conv2dShape& s = setup.shape;
   const std::vector<int64_t> out_sizes = conv2d_output_sizes(s, input.dim() == 4);
   const auto allocate_out = [&] {
-    if (setup.out.defined()) return;
-    setup.out = at::empty(out_sizes, input.options());
-    setup.out4 = input.dim() == 4 ? setup.out : setup.out.unsqueeze(0);
+    if (!setup.out.defined()) allocate_conv2d_output(setup, input);
   };
   if (c10::multiply_integers(out_sizes) == 0) {
     allocate_out();
@@ -392,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       if (weight_by_ours) cpu::store_result(grad_weight, weight_buffer);
       cpu::store_result(grad_bias, bias_buffer);
     };
-    std::string input_route =
+    const std::string input_route =
         output_mask[0] && input.numel() > 0
             ? cpu::choose_route(
                   conv_route_query<scalar_t>(s, ConvPart::kInputGrad, pad_same, input.scalar_type()), run_input_grad)
@@ -406,8 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     // backwards, each of ours after the input gradient's route, "aten" as that
     // one call, under a key of their own; where that call wins, it gives both
     // (routes_run() still counts the input gradient's route as chosen).
-    cpu::RouteQuery weight_query = conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same, input.scalar_type());
-    const bool both = !input_route.empty() && output_mask[1] && !cpu::routes_forced(weight_query);
+    bool both = false;
     const auto run_backward = [&](const std::string& route) {
       if (route == "aten") {
         aten_backward({true, true, output_mask[2]});
@@ -417,24 +414,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       run_weight_grad(route);
     };
     if (output_mask[1]) {
-      if (both) weight_query.shape += " with input grad by " + input_route;
-      weight_route = both ? cpu::choose_route(weight_query, run_backward) : cpu::choose_route(weight_query, run_weight_grad);
+      cpu::RouteQuery query = conv_route_query<scalar_t>(s, ConvPart::kWeightGrad, pad_same, input.scalar_type());
+      both = !input_route.empty() && !cpu::routes_forced(query);
+      if (both) query.shape += " with input grad by " + input_route;
+      weight_route = both ? cpu::choose_route(query, run_backward) : cpu::choose_route(query, run_weight_grad);
     } else if (output_mask[2]) {
       weight_route = conv_rule_route<scalar_t>(s, ConvPart::kWeightGrad);
     }
-    if (both && weight_route == "aten") {
-      // One call for both, as torch.nn makes it.
+    // One call for both, as torch.nn makes it, where torch computes the weight
+    // gradient and the input gradient is torch's too or timed with it.
+    const bool joint = weight_route == "aten" && (input_route == "aten" || both);
+    if (joint) {
       std::tie(aten_grad_input, aten_grad_weight, aten_grad_bias) = aten_backward({true, true, output_mask[2]});
-      if (input_route != "aten") {
-        grad_input = aten_grad_input.contiguous().view(input.sizes());
-        input_route = "";  // taken
-      }
     } else {
       if (!input_route.empty()) run_input_grad(input_route);
       if (!weight_route.empty()) run_weight_grad(weight_route);
     }
     // torch's results in our layout (contiguous: a copy only where they are not).
-    if (input_route == "aten") grad_input = aten_grad_input.contiguous().view(input.sizes());
+    if (joint || input_route == "aten") grad_input = aten_grad_input.contiguous().view(input.sizes());
     if (weight_route == "aten") {
       grad_weight = aten_grad_weight.contiguous();
       if (output_mask[2]) grad_bias = aten_grad_bias.contiguous();

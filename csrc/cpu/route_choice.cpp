@@ -98,8 +98,7 @@ std::string cache_file_of_environment() {
 // of an op that times its routes.
 std::string cache_file() {
   static std::mutex mutex;
-  static std::string inputs, file;
-  static bool known = false;
+  static std::string inputs, file;  // inputs: never empty once set (it holds two '\0')
   const auto value = [](const char* name) {
     const char* text = std::getenv(name);
     return text == nullptr ? std::string("\x01") : std::string(text);  // unset differs from empty
@@ -107,10 +106,9 @@ std::string cache_file() {
   const std::string now =
       value("LIGHTNING_HW_CACHE_DIR") + '\0' + value("XDG_CACHE_HOME") + '\0' + value("HOME");
   std::lock_guard<std::mutex> lock(mutex);
-  if (!known || now != inputs) {
+  if (now != inputs) {
     file = cache_file_of_environment();
     inputs = now;
-    known = true;
   }
   return file;
 }
