@@ -26,12 +26,14 @@ DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16",
 # Every route of each op that runs every dtype ("aten": torch's convolution; "blas": torch's GEMM,
 # with our bias, ReLU and mask passes around it), and our own kernels among them, which the
 # correctness grids run; then the routes of bfloat16 alone: "amx", our kernels on AMX tiles (or
-# their scalar model: the amx-emulated kernel variant).
+# their scalar model: the amx-emulated kernel variant), both ops; "bf16dot", linear_relu's GEMMs
+# on AVX512-BF16 dot products.
 CONV_ROUTES = ("direct", "planar", "depthwise", "aten")
 LINEAR_ROUTES = ("streamed", "tiles", "blas")
 OUR_CONV_ROUTES = ("direct", "planar", "depthwise")
 OUR_LINEAR_ROUTES = ("streamed", "tiles")
 BF16_ROUTES = ("amx",)
+BF16_LINEAR_ROUTES = BF16_ROUTES + ("bf16dot",)
 
 # The parts of each op that choose a route: a forward with input, weight and bias gradients asks
 # every one of them.

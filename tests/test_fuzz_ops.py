@@ -32,6 +32,7 @@ from hypothesis import event, given, strategies as st
 import lightning_hw.ops as ops
 from bounds import assert_within_bound, bound
 from routes import (
+    BF16_LINEAR_ROUTES,
     BF16_ROUTES,
     LINEAR_ROUTES,
     OUR_CONV_ROUTES,
@@ -598,7 +599,7 @@ def unambiguous_grad(grad, x, w, b):
 def test_linear_relu_matches_torch(fuzz_cases, case: LinearCase):
     count(fuzz_cases, "linear_relu", "valid")
     shapes = (case.input_shape, (case.out_features, case.in_features), (case.out_features,) if case.bias else None)
-    routes = linear_relu_runnable(case.input_shape, case.out_features, case.dtype, LINEAR_ROUTES + BF16_ROUTES)
+    routes = linear_relu_runnable(case.input_shape, case.out_features, case.dtype, LINEAR_ROUTES + BF16_LINEAR_ROUTES)
     on_each_route(fuzz_cases, "linear_relu", routes, lambda: compare_with_torch(
         ops.linear_relu, lambda x, w, b: torch.relu(F.linear(x, w, b)), shapes, case.dtype, case.operands,
         max(case.in_features, case.out_features, math.prod(case.leading)), adjust_grad=unambiguous_grad,

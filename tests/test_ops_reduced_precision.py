@@ -1,6 +1,7 @@
 """bfloat16 and float16 on CPU: both ops, forward and every gradient, on each route that runs
 them (ours in float32 on float32 copies; torch's own kernels where torch accumulates the dtype in
-float32; bfloat16 on AMX tiles, "amx", where the process has them, hardware or emulated), forced
+float32; bfloat16 on AMX tiles, "amx", where the process has them, hardware or emulated, and
+linear_relu's GEMMs on AVX512-BF16 dot products, "bf16dot", where the CPU has them), forced
 and checked to have run, against a float64 reference computed from the same rounded inputs within
 tests/bounds.py's bound; non-finite values as torch; the tile model's rounding and its faults;
 CPU autocast (`precision="bf16-mixed"`), opcheck and torch.compile.
@@ -36,6 +37,7 @@ from routes import (
     conv2d_route_table,
     conv2d_runnable,
     forced_route,
+    linear_relu_route_table,
     linear_relu_runnable,
     on_one_and_two_threads,
     with_routes,
@@ -50,8 +52,15 @@ linear_relu_backward = torch.ops.lightning_hw.linear_relu_backward.default
 # Whether this process runs the amx route (the amx variant, or amx-emulated), and why not.
 _AMX_WHY_NOT = conv2d_route_table((1, 32, 4, 4), (16, 32, 1, 1), torch.bfloat16)["conv2d_forward"]["amx"]
 HAS_TILES = _AMX_WHY_NOT == ""
+# Whether this process runs the bf16dot route (AVX512-BF16 and the AVX-512 kernels), and why not.
+_BF16DOT_WHY_NOT = linear_relu_route_table((4, 8), 4, torch.bfloat16)["linear_relu_forward"]["bf16dot"]
+HAS_BF16DOT = _BF16DOT_WHY_NOT == ""
+needs_bf16dot = pytest.mark.skipif(not HAS_BF16DOT, reason=f"{_BF16DOT_WHY_NOT} (no emulation of it: a CPU without "
+                                                           "AVX512-BF16 never runs it)")  # fmt: skip
 REDUCED_CONV_ROUTES = OUR_CONV_ROUTES + ("aten",) + (BF16_ROUTES if HAS_TILES else ())
-REDUCED_LINEAR_ROUTES = OUR_LINEAR_ROUTES + ("blas",) + (BF16_ROUTES if HAS_TILES else ())
+REDUCED_LINEAR_ROUTES = (
+    OUR_LINEAR_ROUTES + ("blas",) + (BF16_ROUTES if HAS_TILES else ()) + (("bf16dot",) if HAS_BF16DOT else ())
+)
 OUR_REDUCED_CONV_ROUTES = tuple(route for route in REDUCED_CONV_ROUTES if route != "aten")
 OUR_REDUCED_LINEAR_ROUTES = tuple(route for route in REDUCED_LINEAR_ROUTES if route != "blas")
 needs_tiles = pytest.mark.skipif(
@@ -280,21 +289,28 @@ def test_linear_relu_propagates_nan_and_inf_like_torch(input_shape, out_features
 # ---- the amx route: the tile model, determinism, hardware against model ----
 
 
-@needs_tiles
-@pytest.mark.amx_grid
-def test_amx_reads_denormal_inputs_as_zero_and_flushes_denormal_sums():
-    """TDPBF16PS ignores MXCSR: a denormal bfloat16 input counts as zero, and a float32 sum that
-    is denormal becomes zero; our float32 routes keep both (2^-130 is a bfloat16 denormal)."""
+# The routes that multiply bfloat16 in hardware (or in its model), each with why it cannot run here.
+HARDWARE_BF16_ROUTES = [
+    pytest.param("amx", marks=(needs_tiles, pytest.mark.amx_grid), id="amx"),
+    pytest.param("bf16dot", marks=needs_bf16dot, id="bf16dot"),
+]
+
+
+@pytest.mark.parametrize("route", HARDWARE_BF16_ROUTES)
+def test_bf16_instructions_read_denormal_inputs_as_zero_and_flush_denormal_sums(route):
+    """TDPBF16PS and VDPBF16PS ignore MXCSR: a denormal bfloat16 input counts as zero, and a
+    float32 sum that is denormal becomes zero; our float32 routes keep both (2^-130 is a bfloat16
+    denormal)."""
     x = torch.zeros(32, 32, dtype=torch.bfloat16)
     w = torch.zeros(16, 32, dtype=torch.bfloat16)
     x[0, 0] = 2.0**-130  # a bfloat16 denormal
     w[0, 0] = 1.0
     x[1, 0] = w[1, 0] = 2.0**-65  # normal, their product a float32 denormal
-    with forced_route("amx"):
-        tiles = ops.linear_relu(x, w)
+    with forced_route(route):
+        flushed = ops.linear_relu(x, w)
     with forced_route("tiles"):
         float32 = ops.linear_relu(x, w)
-    assert tiles[0, 0].item() == 0.0 and tiles[1, 1].item() == 0.0
+    assert flushed[0, 0].item() == 0.0 and flushed[1, 1].item() == 0.0
     assert float32[0, 0].item() == 2.0**-130 and float32[1, 1].item() == 2.0**-130
 
 
@@ -331,6 +347,69 @@ def test_amx_is_the_rule_for_wide_bf16_layers_in_a_training_step():
         out.float().sum().backward()
     calls = ran.calls()
     assert {route for (part, route) in calls if part.startswith(("conv2d", "linear_relu"))} == {"amx"}, dict(calls)
+
+
+# bf16dot's register tiles: 1-12 rows (even runs of at most 12: 13 rows are 7 + 6), 1-32
+# columns in one or two vectors, reductions of one index, odd (a last pair half zero) and even;
+# forwards with at least as many rows as outputs (x read in place) and with fewer (out^T = w x^T,
+# the tile stored transposed: the first five and the last).
+BF16DOT_EDGES = [
+    ((1, 1), 2), ((13, 3), 16), ((12, 2), 17), ((25, 65), 33), ((2, 31), 32),
+    ((97, 64), 5), ((40, 7), 29), ((33, 3), 33), ((45, 9), 100),
+]  # fmt: skip
+
+
+@needs_bf16dot
+@pytest.mark.parametrize("input_shape, out_features", BF16DOT_EDGES)
+def test_bf16dot_tile_edges_match_float64_reference(input_shape, out_features):
+    """Forward, input and weight gradients of each edge against float64 from the same bfloat16
+    values (the input gradient's tiles span in_features, the weight gradient's out_features)."""
+    dtype = torch.bfloat16
+    rows, in_features = input_shape
+    x, x64 = reduced_tensor(input_shape, dtype)
+    w, w64 = reduced_tensor((out_features, in_features), dtype, scale=0.3)
+    b, b64 = reduced_tensor((out_features,), dtype)
+    with forced_route("bf16dot") as ran:
+        out = ops.linear_relu(x, w, b)
+        g, g64 = reduced_tensor(out.shape, dtype)
+        grads = linear_relu_backward(g, out, x, w, [True, True, False])
+    assert_ran(ran, "bf16dot", LINEAR_PARTS)
+    pre = F.linear(x64, w64, b64)
+    magnitude = F.linear(x64.abs(), w64.abs(), b64.abs())
+    assert_within_bound(out, torch.relu(pre), magnitude, in_features, dtype, b64.expand_as(pre), "output")
+    grad_pre = g64 * (out.double() > 0)
+    reference = linear_relu_gradients(grad_pre, x64, w64)
+    size = linear_relu_gradients(grad_pre.abs(), x64.abs(), w64.abs())
+    for name, actual, expected, magnitude, n in zip(("grad_input", "grad_weight"), grads, reference, size,
+                                                    (out_features, rows)):  # fmt: skip
+        assert_within_bound(actual, expected, magnitude, n, dtype, what=name)
+
+
+@needs_bf16dot
+def test_bf16dot_results_do_not_depend_on_the_thread_count():
+    a = torch.randn(70, 97).bfloat16()
+    m = torch.randn(45, 97).bfloat16()
+    c = torch.randn(45).bfloat16()
+
+    def run():
+        with forced_route("bf16dot"):
+            lin = ops.linear_relu(a, m, c)
+            return lin, *linear_relu_backward(torch.randn_like(lin, generator=torch.Generator().manual_seed(3)),
+                                              lin, a, m, [True, True, True])  # fmt: skip
+
+    one, two = on_one_and_two_threads(run)
+    for x1, x2 in zip(one, two):
+        assert torch.equal(x1, x2)
+
+
+def test_bf16dot_route_runs_here_or_says_why_not():
+    """bf16dot's grids run in this process where the CPU has AVX512-BF16; elsewhere the skip says why."""
+    if not HAS_BF16DOT:
+        pytest.skip(_BF16DOT_WHY_NOT)
+    assert "bf16dot" in REDUCED_LINEAR_ROUTES and kernel_tiles()["isa"] in ("avx512", "amx")
+    assert linear_relu_route_table((4, 8), 4, torch.float16)["linear_relu_forward"]["bf16dot"] == (
+        "bf16dot runs bfloat16 layers; this one is Half"
+    )
 
 
 AGREEMENT_CASES = """

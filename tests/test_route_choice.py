@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lightning_hw import ops  # noqa: F401  (loads the extension)
 from routes import (
+    BF16_LINEAR_ROUTES,
     BF16_ROUTES,
     CONV_PARTS,
     CONV_ROUTES,
@@ -245,7 +246,7 @@ def test_the_tests_route_lists_are_the_extensions():
     linear = linear_relu_route_table((5, 7), 4, torch.float32)
     assert set(conv) == set(CONV_PARTS) and set(linear) == set(LINEAR_PARTS)
     assert all(set(routes) == set(CONV_ROUTES + BF16_ROUTES) for routes in conv.values())
-    assert all(set(routes) == set(LINEAR_ROUTES + BF16_ROUTES) for routes in linear.values())
+    assert all(set(routes) == set(LINEAR_ROUTES + BF16_LINEAR_ROUTES) for routes in linear.values())
 
 
 def test_a_route_of_the_other_op_leaves_this_op_alone():
@@ -280,7 +281,7 @@ def test_a_name_of_no_route_is_an_error():
         run_layer(5, 40, 6)
     assert str(error.value).startswith(
         "LIGHTNING_HW_ROUTE=tiles,dirct: 'dirct' is not a CPU route (conv2d: direct, planar, depthwise, amx, aten; "
-        "linear_relu: streamed, tiles, amx, blas)"
+        "linear_relu: streamed, tiles, amx, bf16dot, blas)"
     )
 
 

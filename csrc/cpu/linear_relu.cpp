@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/amx.h"
+#include "cpu/bf16_dot.h"
 #include "cpu/precision.h"
 #include "cpu/route_choice.h"
 #include "cpu/tile_kernels.h"
@@ -478,6 +479,15 @@ cpu::RouteQuery route_query(
   } else {
     query.excluded.emplace_back("amx", amx_refused);
   }
+  // bfloat16 on AVX512-BF16 dot products: timed, never the rule's pick.
+  const std::string bf16dot_refused = dtype != at::kBFloat16
+                                          ? c10::str("bf16dot runs bfloat16 layers; this one is ", dtype)
+                                          : cpu::bf16dot::refusal();
+  if (bf16dot_refused.empty()) {
+    query.candidates.push_back("bf16dot");
+  } else {
+    query.excluded.emplace_back("bf16dot", bf16dot_refused);
+  }
   query.fallback = amx && in_features >= 32 && out_features >= 16                             ? "amx"
                    : streamed && use_streamed(rows, out_features)                             ? "streamed"
                    : use_tiles<scalar_t>(rows, tile_reduce, out_features, tile_min_rows) ? "tiles"
@@ -560,6 +570,10 @@ at::Tensor linear_relu_cpu(
     const auto run = [&](const std::string& route) {
       if (route == "amx") {
         cpu::amx::linear_forward(x, w, bias_c, out);
+        return;
+      }
+      if (route == "bf16dot") {
+        cpu::bf16dot::linear_forward(x, w, bias_c, out);
         return;
       }
       if (route == "blas" && blas_in_reduced_dtype(dtype)) {
@@ -704,6 +718,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
           cpu::amx::linear_input_grad(grad_pre, w, grad_input_2d);
         }
         if (output_mask[1]) cpu::amx::linear_weight_grad(grad_pre, x, grad_weight);
+        return;
+      }
+      if (route == "bf16dot") {
+        if (output_mask[0]) {
+          at::Tensor grad_input_2d = grad_input.view({rows, in_features});
+          cpu::bf16dot::linear_input_grad(grad_pre, w, grad_input_2d);
+        }
+        if (output_mask[1]) cpu::bf16dot::linear_weight_grad(grad_pre, x, grad_weight);
         return;
       }
       if (route == "blas" && blas_in_reduced_dtype(dtype)) {

@@ -284,7 +284,7 @@ std::string pick_route(const RouteQuery& query, const std::function<void(const s
 const std::vector<std::pair<std::string, std::vector<std::string>>>& op_routes() {
   static const std::vector<std::pair<std::string, std::vector<std::string>>> routes{
       {"conv2d", {"direct", "planar", "depthwise", "amx", "aten"}},
-      {"linear_relu", {"streamed", "tiles", "amx", "blas"}},
+      {"linear_relu", {"streamed", "tiles", "amx", "bf16dot", "blas"}},
   };
   return routes;
 }
