@@ -2,7 +2,8 @@
 // (the weight read once in its own layout), our register-tile kernels (the
 // GEMMs as 1x1 convolutions, bias and ReLU applied as each tile is stored),
 // and torch's BLAS (at::mm) with bias and ReLU fused into one pass over its
-// output. Which one runs a shape is timed on this machine the first time it
+// output; for bfloat16 also our GEMMs on AMX tiles (amx.h) or on AVX512-BF16
+// dot products (bf16_dot.h). Which one runs a shape is timed on this machine the first time it
 // is seen (route_choice.h); the built-in rule below (streamed for wide layers
 // on at most as many rows as outputs, tiles for narrow layers and for wide ones
 // on many rows, BLAS for the rest) decides when timing is off. In the backward,
@@ -712,30 +713,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(
     const auto run = [&](const std::string& route) {
       if (output_mask[0]) grad_input = at::empty(input.sizes(), options);
       if (output_mask[1]) grad_weight = cpu::recycled_empty(weight.sizes(), options);
-      if (route == "amx") {
+      // Routes in the op's dtype: each gradient from its own GEMM on the op's tensors.
+      const auto run_gemms = [&](const auto& input_grad, const auto& weight_grad) {
         if (output_mask[0]) {
           at::Tensor grad_input_2d = grad_input.view({rows, in_features});
-          cpu::amx::linear_input_grad(grad_pre, w, grad_input_2d);
+          input_grad(grad_pre, w, grad_input_2d);
         }
-        if (output_mask[1]) cpu::amx::linear_weight_grad(grad_pre, x, grad_weight);
-        return;
-      }
-      if (route == "bf16dot") {
-        if (output_mask[0]) {
-          at::Tensor grad_input_2d = grad_input.view({rows, in_features});
-          cpu::bf16dot::linear_input_grad(grad_pre, w, grad_input_2d);
-        }
-        if (output_mask[1]) cpu::bf16dot::linear_weight_grad(grad_pre, x, grad_weight);
-        return;
-      }
+        if (output_mask[1]) weight_grad(grad_pre, x, grad_weight);
+      };
+      if (route == "amx") return run_gemms(cpu::amx::linear_input_grad, cpu::amx::linear_weight_grad);
+      if (route == "bf16dot") return run_gemms(cpu::bf16dot::linear_input_grad, cpu::bf16dot::linear_weight_grad);
       if (route == "blas" && blas_in_reduced_dtype(dtype)) {
         // torch's own GEMMs in this dtype.
-        if (output_mask[0]) {
-          at::Tensor grad_input_2d = grad_input.view({rows, in_features});
-          at::mm_out(grad_input_2d, grad_pre, w);
-        }
-        if (output_mask[1]) at::mm_out(grad_weight, grad_pre.t(), x);
-        return;
+        return run_gemms([](const at::Tensor& g, const at::Tensor& w, at::Tensor& out) { at::mm_out(out, g, w); },
+                         [](const at::Tensor& g, const at::Tensor& x, at::Tensor& out) { at::mm_out(out, g.t(), x); });
       }
       at::Tensor grad_input_compute = cpu::compute_buffer(grad_input);
       at::Tensor grad_weight_compute = cpu::compute_buffer(grad_weight);

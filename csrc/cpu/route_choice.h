@@ -54,7 +54,8 @@ constexpr double kMinTimedFlops = 4e6;
 
 // Every CPU route of each op, by the names LIGHTNING_HW_ROUTE takes: conv2d's
 // direct, planar, depthwise (ours) and aten (torch's convolution); linear_relu's
-// streamed, tiles (ours) and blas (torch's GEMM); both ops' amx (ours, bfloat16
+// streamed, tiles, bf16dot (ours; bf16dot bfloat16 on AVX512-BF16 dot
+// products: bf16_dot.h) and blas (torch's GEMM); both ops' amx (ours, bfloat16
 // on AMX tiles: amx.h). A new route is added here and to its op's query.
 const std::vector<std::pair<std::string, std::vector<std::string>>>& op_routes();
 
