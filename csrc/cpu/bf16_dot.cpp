@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu/tile_kernels.h"
+#include "cpu/workspace.h"
 
 namespace lightning_hw {
 namespace cpu {
@@ -246,19 +247,20 @@ void gemm_row_pairs_b(
   const RowTiles tiles = row_tiles(m_size, col_blocks, kTilesPerItem);
   const int64_t groups = tiles.groups();
   at::parallel_for(0, col_blocks * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> panel(std::max<int64_t>(1, ceil_div(k_size, 2)) * kPanelPair);
+    at::Tensor keep_alive;
+    uint16_t* panel = workspace<uint16_t>(workspace_slots::kPanelSlot, ceil_div(k_size, 2) * kPanelPair, keep_alive);
     int64_t packed_block = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t nb = item / groups;
       if (nb != packed_block) {
-        pack_row_pairs(b, k_size, n_size, ldb, nb, panel.data());
+        pack_row_pairs(b, k_size, n_size, ldb, nb, panel);
         packed_block = nb;
       }
       const Tile tile{a,
                       lda,
                       k_size / 2,
                       k_size % 2 == 1,
-                      panel.data(),
+                      panel,
                       out + nb * kColumns,
                       n_size,
                       int(std::min<int64_t>(kColumns, n_size - nb * kColumns)),
@@ -309,7 +311,10 @@ void linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const int64_t m_size = a_side.size(0), n_size = b_side.size(0);
   const int64_t pairs = in_features / 2, panel_pairs = ceil_div(in_features, 2);
   const int64_t col_blocks = ceil_div(n_size, kColumns);
-  std::vector<uint32_t> packed(std::max<int64_t>(1, col_blocks * panel_pairs * kColumns));
+  // Every word is written below (zeros past the last column and input).
+  at::Tensor keep_alive;
+  uint32_t* packed =
+      workspace<uint32_t>(workspace_slots::kPackedSlot, col_blocks * panel_pairs * kColumns, keep_alive);
   const uint16_t* b_rows = bits(b_side);
   constexpr int64_t kPairsPerItem = 256;
   const int64_t pair_runs = std::max<int64_t>(1, ceil_div(pairs, kPairsPerItem));
@@ -317,7 +322,7 @@ void linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t nb = item / (2 * pair_runs), half = (item / pair_runs) % 2, run = item % pair_runs;
       const int64_t first = nb * kColumns + 16 * half;
-      uint32_t* panel = packed.data() + nb * panel_pairs * kColumns;
+      uint32_t* panel = packed + nb * panel_pairs * kColumns;
       pack_transposed_words(b_rows, n_size, in_features, first, run * kPairsPerItem,
                             std::min(pairs, (run + 1) * kPairsPerItem), panel, 16 * half);
       if (panel_pairs > pairs && run == pair_runs - 1) {
@@ -339,7 +344,7 @@ void linear_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const int64_t groups = tiles.groups();
   const uint16_t* a = bits(a_side);
   at::BFloat16* dst = out.mutable_data_ptr<at::BFloat16>();
-  const uint16_t* panels = reinterpret_cast<const uint16_t*>(packed.data());
+  const uint16_t* panels = reinterpret_cast<const uint16_t*>(packed);
   at::parallel_for(0, col_blocks * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t nb = item / groups;
@@ -376,16 +381,17 @@ void linear_weight_grad(const at::Tensor& grad_pre, const at::Tensor& x, at::Ten
   const int64_t rows = grad_pre.size(0), out_features = grad_pre.size(1), in_features = x.size(1);
   if (out_features == 0 || in_features == 0) return;
   const int64_t row_pairs = ceil_div(rows, 2);
-  std::vector<uint16_t> transposed(std::max<int64_t>(1, out_features * row_pairs * 2));
+  at::Tensor keep_alive;
+  uint16_t* transposed = workspace<uint16_t>(workspace_slots::kPackedSlot, out_features * row_pairs * 2, keep_alive);
   const uint16_t* g = bits(grad_pre);
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      uint16_t* line = transposed.data() + o * row_pairs * 2;
+      uint16_t* line = transposed + o * row_pairs * 2;
       for (int64_t r = 0; r < rows; ++r) line[r] = g[r * out_features + o];
     }
   });
   gemm_row_pairs_b(
-      transposed.data(), row_pairs * 2, out_features, bits(x), in_features, rows, in_features,
+      transposed, row_pairs * 2, out_features, bits(x), in_features, rows, in_features,
       grad_weight.mutable_data_ptr<at::BFloat16>());
 }
 

@@ -33,7 +33,8 @@ enum WorkspaceSlot {
   kPartialSlot = 5,    // partial sums of the weight gradient
   kPackedSlot = 6,     // linear_relu's packed weights, or its transposed small operand
   kStreamSlot = 7,     // linear_relu's streamed GEMMs: partial sums, padded last columns
-  kSlotCount = 8
+  kPanelSlot = 8,      // per-thread packed panels of the bf16dot GEMMs
+  kSlotCount = 9
 };
 }  // namespace workspace_slots
 constexpr int64_t kWorkspaceCacheLimit = int64_t(64) << 20;
