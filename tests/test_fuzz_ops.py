@@ -292,10 +292,14 @@ def compare_with_torch(ours, reference, shapes, dtype, o: Operands, reduction: i
         return [None if t is None else layout.view(t, shape) for t, layout, shape in zip(tensors, layouts, shapes)]
 
     def reference_of(tensors):
-        # Torch's reference on contiguous copies: its slow conv2d backward fails on
-        # some strided weights ("slow_conv2d: grad_weight must be contiguous", e.g.
-        # padding='same' with an even kernel and a permuted weight).
-        return reference(*[None if t is None else t.contiguous() for t in views(tensors)])
+        # Torch's reference on copies with the standard strides: its slow conv2d
+        # backward fails on some strided weights ("slow_conv2d: grad_weight must be
+        # contiguous", e.g. padding='same' with an even kernel and a permuted weight),
+        # and its forward is wrong on a weight whose size-1 channel dimension has a
+        # stride of 1 (channels-last strides that `contiguous()` keeps: torch 2.14.1,
+        # 1 input channel, stride (1, 2), one output column).
+        return reference(*[None if t is None else t.clone(memory_format=torch.contiguous_format)
+                           for t in views(tensors)])  # fmt: skip
 
     def float64_leaves(absolute: bool):
         return [None if t is None else (t.detach().double().abs() if absolute else t.detach().double())
@@ -741,6 +745,22 @@ BACKWARD_REFUSALS = {
 
 
 # ---- regressions of what the fuzzers found ----
+
+
+def test_conv2d_on_a_weight_with_channels_last_strides_matches_float64():
+    # Found as a failure of torch's own reference: torch 2.14.1's CPU conv2d is wrong on this
+    # weight (1 input channel whose stride is 1, stride (1, 2), one output column); ours is not.
+    x = torch.randn(2, 1, 5, 4)
+    w = torch.randn(1, 2, 3, 1).permute(0, 3, 1, 2)  # strides (6, 1, 3, 1)
+    w.requires_grad_()
+    w64 = w.detach().double().clone(memory_format=torch.contiguous_format).requires_grad_()
+    expected = F.conv2d(x.double(), w64, stride=(1, 2))
+    out = ops.conv2d(x, w, stride=(1, 2))
+    assert_close(out, expected.detach().float())
+    grad = torch.randn_like(out)
+    (grad_w,) = torch.autograd.grad(out, [w], grad)
+    (expected_grad_w,) = torch.autograd.grad(expected, [w64], grad.double())
+    assert_close(grad_w, expected_grad_w.float())
 
 
 @pytest.mark.parametrize("input_shape", [(2, 3, 0, 5), (2, 3, 4, 0), (3, 0, 5)])
