@@ -32,6 +32,7 @@ CONV_ROUTES = ("direct", "planar", "depthwise", "aten")
 LINEAR_ROUTES = ("streamed", "tiles", "blas")
 OUR_CONV_ROUTES = ("direct", "planar", "depthwise")
 OUR_LINEAR_ROUTES = ("streamed", "tiles")
+TORCH_ROUTES = ("aten", "blas")  # torch's own kernels: kept on near-ties in the timing
 BF16_ROUTES = ("amx",)
 BF16_LINEAR_ROUTES = BF16_ROUTES + ("bf16dot",)
 
