@@ -171,7 +171,7 @@ def test_each_conv_part_is_timed_against_torch(cache_dir, x_shape, w_shape, padd
 
 
 def assert_torch_kept_on_near_ties(route: str, note: str) -> None:
-    """The fastest timed route was kept, but torch's where ours led it by less than 5% (the
+    """The fastest timed route was kept, but torch's where ours led it by less than 10% (the
     choice file's times have 4 digits: a time within 0.2% of the margin proves nothing)."""
     times = {entry.split("=")[0]: float(entry.split("=")[1].removesuffix("ms")) for entry in note.split()}
     fastest = min(times, key=times.get)
@@ -181,8 +181,8 @@ def assert_torch_kept_on_near_ties(route: str, note: str) -> None:
         return
     torch_best = min(torch_times, key=torch_times.get)
     ratio = torch_times[torch_best] / times[fastest]
-    if abs(ratio - 1.05) > 0.002:
-        assert route == (torch_best if ratio <= 1.05 else fastest), note
+    if abs(ratio - 1.10) > 0.002:
+        assert route == (torch_best if ratio <= 1.10 else fastest), note
 
 
 def test_linear_parts_keep_torchs_gemm_unless_ours_is_clearly_faster(cache_dir):

@@ -247,9 +247,10 @@ std::vector<double> best_seconds(
 
 // A route of ours replaces torch's own kernel (aten, blas) only where its
 // timing is at least kTorchMargin faster: the timing runs one part alone, and
-// a kernel of ours ahead by a few percent there ran slower than torch's inside
-// a training step (benchmarks/NOTES.md, round 8), so near-ties go to torch.
-constexpr double kTorchMargin = 0.05;
+// kernels of ours ahead by up to 8% there ran slower than torch's inside a
+// training step, where they lost 10-25% against their time alone
+// (benchmarks/NOTES.md, round 8), so near-ties go to torch.
+constexpr double kTorchMargin = 0.10;
 
 bool is_torch_route(const std::string& route) {
   return route == "aten" || route == "blas";

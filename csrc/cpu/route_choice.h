@@ -2,7 +2,7 @@
 // this machine, once per shape, the way cuDNN's benchmark mode does: fixed
 // thresholds tuned on one machine are wrong on another (another cache size,
 // another BLAS, another torch). Torch's own kernel (aten, blas) is kept unless
-// one of ours is at least 5% faster.
+// one of ours is at least 10% faster.
 //
 // A choice is kept in memory and in a file, one line per shape, named after
 // the CPU model, the instruction set variant and the torch version, so a new
@@ -62,7 +62,7 @@ const std::vector<std::pair<std::string, std::vector<std::string>>>& op_routes()
 
 // The route to run. The first time a shape is seen (and timing is on), every
 // candidate runs through `run` a few times and the fastest is kept (torch's
-// where ours leads it by less than 5%); `run`
+// where ours leads it by less than 10%); `run`
 // must compute the op's whole result by the named route, so the caller runs
 // the chosen route afterwards as on any call. An unknown or unrunnable
 // LIGHTNING_HW_CPU_ISA (tile_kernels.h) is an error here, whichever route runs.
