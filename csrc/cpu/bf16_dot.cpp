@@ -376,22 +376,20 @@ void linear_input_grad(const at::Tensor& grad_pre, const at::Tensor& w, at::Tens
 
 void linear_weight_grad(const at::Tensor& grad_pre, const at::Tensor& x, at::Tensor& grad_weight) {
   // grad_weight (out, in) = grad_pre^T (out, rows) . x (rows, in): reduce over
-  // rows; A = grad_pre^T with its pairs of rows side by side (zero past the last).
+  // rows; A = grad_pre^T, its rows read in pairs like any A (an odd last row
+  // pairs with zero in the tile).
   TORCH_CHECK(refusal().empty(), "lightning_hw: ", refusal());
   const int64_t rows = grad_pre.size(0), out_features = grad_pre.size(1), in_features = x.size(1);
   if (out_features == 0 || in_features == 0) return;
-  const int64_t row_pairs = ceil_div(rows, 2);
   at::Tensor keep_alive;
-  uint16_t* transposed = workspace<uint16_t>(workspace_slots::kPackedSlot, out_features * row_pairs * 2, keep_alive);
+  uint16_t* transposed = workspace<uint16_t>(workspace_slots::kPackedSlot, out_features * rows, keep_alive);
   const uint16_t* g = bits(grad_pre);
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      uint16_t* line = transposed + o * row_pairs * 2;
-      for (int64_t r = 0; r < rows; ++r) line[r] = g[r * out_features + o];
-    }
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t r = 0; r < rows; ++r) transposed[o * rows + r] = g[r * out_features + o];
   });
   gemm_row_pairs_b(
-      transposed, row_pairs * 2, out_features, bits(x), in_features, rows, in_features,
+      transposed, rows, out_features, bits(x), in_features, rows, in_features,
       grad_weight.mutable_data_ptr<at::BFloat16>());
 }
 
