@@ -199,11 +199,7 @@ cpu::RouteQuery conv_route_query(const Conv2dShape& s, ConvPart part, bool pad_s
     }
   }
   const std::string amx_refused = amx_refusal(s, dtype);
-  if (amx_refused.empty()) {
-    query.candidates.push_back("amx");
-  } else {
-    query.excluded.emplace_back("amx", amx_refused);
-  }
+  query.offer("amx", amx_refused);
   if (!aten_can_run(s, pad_same)) {
     query.excluded.emplace_back(
         "aten", c10::str(

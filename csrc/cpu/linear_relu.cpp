@@ -475,20 +475,10 @@ cpu::RouteQuery route_query(
                                       ? c10::str("amx runs bfloat16 layers; this one is ", dtype)
                                       : cpu::amx::tiles_refusal();
   const bool amx = amx_refused.empty();
-  if (amx) {
-    query.candidates.push_back("amx");
-  } else {
-    query.excluded.emplace_back("amx", amx_refused);
-  }
+  query.offer("amx", amx_refused);
   // bfloat16 on AVX512-BF16 dot products: timed, never the rule's pick.
-  const std::string bf16dot_refused = dtype != at::kBFloat16
-                                          ? c10::str("bf16dot runs bfloat16 layers; this one is ", dtype)
-                                          : cpu::bf16dot::refusal();
-  if (bf16dot_refused.empty()) {
-    query.candidates.push_back("bf16dot");
-  } else {
-    query.excluded.emplace_back("bf16dot", bf16dot_refused);
-  }
+  query.offer("bf16dot", dtype != at::kBFloat16 ? c10::str("bf16dot runs bfloat16 layers; this one is ", dtype)
+                                                : cpu::bf16dot::refusal());
   query.fallback = amx && in_features >= 32 && out_features >= 16                             ? "amx"
                    : streamed && use_streamed(rows, out_features)                             ? "streamed"
                    : use_tiles<scalar_t>(rows, tile_reduce, out_features, tile_min_rows) ? "tiles"

@@ -49,6 +49,15 @@ struct RouteQuery {
   std::vector<std::pair<std::string, std::string>> excluded;
   std::string fallback;           // the built-in rule's route (one of candidates)
   double flops = 0;               // the work of one call, to skip timing tiny problems
+
+  // A candidate where why_not is empty, else an excluded route with that reason.
+  void offer(const std::string& route, std::string why_not) {
+    if (why_not.empty()) {
+      candidates.push_back(route);
+    } else {
+      excluded.emplace_back(route, std::move(why_not));
+    }
+  }
 };
 
 constexpr double kMinTimedFlops = 4e6;
